@@ -301,7 +301,7 @@ class OptimSpec(Strict):
         "adam", description="optimizer"
     )
     lr: float = Field(1e-3, gt=0, le=10, description="base learning rate")
-    momentum: float = Field(0.9, ge=0, lt=1, description="momentum / nesterov / rmsprop momentum")
+    momentum: float = Field(0.9, ge=0, lt=1, description="momentum of the momentum and nesterov optimizers")
     betas: tuple[float, float] = Field((0.9, 0.999), description="adam/adamw moment decay rates")
     alpha: float = Field(0.99, gt=0, lt=1, description="rmsprop: decay of the squared-gradient average")
     eps: float = Field(1e-8, gt=0, le=1, description="numerical stability term")

@@ -27,7 +27,7 @@ class RunContext:
     model: torch.nn.Module
     epochs: int
     steps_per_epoch: int
-    epoch: int = 0  # index of the current epoch (0-based); equals the number completed after on_epoch_end
+    epoch: int = 0  # epochs completed; during an epoch, its 1-based number is epoch + 1
     step: int = 0  # optimizer steps taken so far, over the whole run
     should_stop: bool = False
     stop_reason: str | None = None  # early_stop | cancelled | timeout | diverged
@@ -39,10 +39,10 @@ class RunContext:
         if not self.should_stop:
             self.should_stop, self.stop_reason = True, reason
 
-    def emit(self, kind: str, data: dict[str, Any]) -> None:
-        """Send an event to every callback."""
+    def emit(self, kind: str, data: dict[str, Any], epoch: int | None = None) -> None:
+        """Send an event to every callback; its epoch is the last completed one unless given."""
         if self.sink is not None:
-            self.sink.on_event(self, Event(kind, self.step, self.epoch, data))
+            self.sink.on_event(self, Event(kind, self.step, self.epoch if epoch is None else epoch, data))
 
 
 class Callback:
