@@ -59,7 +59,7 @@ class Schedule:
         if s.name == "step":
             return warm * s.gamma ** ((t // self.steps_per_epoch) // s.step_size)
         if s.name == "cosine":
-            progress = min(1.0, t / max(1, self.total - self.warmup))
+            progress = min(1.0, t / max(1, self.total - 1 - self.warmup))  # the last step uses the final lr
             return warm * (base_min + (1 - base_min) * 0.5 * (1 + math.cos(math.pi * progress)))
         if s.name == "plateau":
             return warm * self.plateau_factor
@@ -70,7 +70,7 @@ class Schedule:
         lo, end = 1 / ONECYCLE_DIV, 1 / (ONECYCLE_DIV * ONECYCLE_FINAL_DIV)
         if step < rise:
             return lo + (1 - lo) * 0.5 * (1 - math.cos(math.pi * step / rise))
-        progress = min(1.0, (step - rise) / max(1, self.total - rise))
+        progress = min(1.0, (step - rise) / max(1, self.total - 1 - rise))
         return end + (1 - end) * 0.5 * (1 + math.cos(math.pi * progress))
 
     def _top_lr(self) -> float:
