@@ -1,0 +1,96 @@
+"""Service settings, read once from TRICKSERVE_* environment variables into one Settings object."""
+
+from __future__ import annotations
+
+import functools
+from pathlib import Path
+from typing import Any
+
+from pydantic import Field, field_validator, model_validator
+from pydantic_settings import BaseSettings, SettingsConfigDict
+
+
+class Settings(BaseSettings):
+    """Everything the API and the worker are configured by; paths left unset are placed under `home`."""
+
+    model_config = SettingsConfigDict(env_prefix="TRICKSERVE_", extra="ignore")
+
+    home: Path = Field(default=Path(".trickserve"), description="folder of the embedded database, broker and files")
+    # Defaults derived from `home` (pydantic passes the fields validated so far to these factories).
+    database_url: str = Field(
+        default_factory=lambda f: f"sqlite:///{f['home'] / 'trickserve.db'}",
+        description="SQLAlchemy URL (sqlite:///path or postgresql+psycopg://...); default {home}/trickserve.db",
+    )
+    broker_url: str = Field(
+        default="filesystem://", description="Celery broker; default the filesystem broker under home"
+    )
+    broker_dir: Path = Field(
+        default_factory=lambda f: f["home"] / "broker", description="filesystem broker folder; default {home}/broker"
+    )
+    redis_url: str | None = Field(default=None, description="Redis for live notifications; polling only when unset")
+    artifact_dir: Path = Field(
+        default_factory=lambda f: f["home"] / "artifacts",
+        description="checkpoints and models; default {home}/artifacts",
+    )
+    dataset_dir: Path = Field(
+        default_factory=lambda f: f["home"] / "datasets", description="uploaded datasets; default {home}/datasets"
+    )
+
+    lease_s: float = Field(default=30.0, gt=0, le=3600, description="a running job's lease, renewed by heartbeat (s)")
+    heartbeat_s: float = Field(default=5.0, gt=0, le=600, description="interval between worker heartbeats (s)")
+    reaper_interval_s: float = Field(
+        default=10.0, gt=0, le=3600, description="interval between expired-lease sweeps (s)"
+    )
+    redispatch_after_s: float = Field(
+        default=600.0,
+        gt=0,
+        description="a queued job not claimed this long after dispatch is sent to the broker again (s)",
+    )
+    sqlite_busy_timeout_s: float = Field(default=30.0, gt=0, le=600, description="how long a SQLite writer waits (s)")
+
+    max_upload_mb: int = Field(default=200, ge=1, le=100_000, description="largest dataset upload (MiB)")
+    max_body_kb: int = Field(default=1024, ge=1, le=100_000, description="largest JSON request body (KiB)")
+    default_page_size: int = Field(default=50, ge=1, description="items per page when the client asks for none")
+    max_page_size: int = Field(default=1000, ge=1, le=100_000, description="most items one page may hold")
+    max_active_jobs_per_tenant: int = Field(default=100, ge=1, description="queued + running jobs a tenant may have")
+    sse_max_connections_per_tenant: int = Field(default=10, ge=1, description="open event streams per tenant")
+    sse_ping_s: float = Field(
+        default=15.0, gt=0, le=300, description="keep-alive comment interval of event streams (s)"
+    )
+
+    @field_validator("home")
+    @classmethod
+    def _absolute(cls, v: Path) -> Path:
+        # Resolved once so that a worker and an API started from different folders share the same files.
+        return v.expanduser().resolve()
+
+    @model_validator(mode="after")
+    def _heartbeat_within_lease(self) -> Settings:
+        if self.heartbeat_s * 2 > self.lease_s:
+            raise ValueError("heartbeat_s must be at most half of lease_s, or a slow beat loses the lease")
+        return self
+
+    @property
+    def broker_transport_options(self) -> dict[str, Any]:
+        """Celery `broker_transport_options`: the folders of the filesystem broker, empty for other brokers."""
+        if not self.broker_url.startswith("filesystem://"):
+            return {}
+        queue = str(self.broker_dir / "queue")
+        return {
+            "data_folder_in": queue,
+            "data_folder_out": queue,
+            "processed_folder": str(self.broker_dir / "processed"),
+        }
+
+    def ensure_dirs(self) -> None:
+        """Create the folders the service writes to (the filesystem broker needs its folders to exist)."""
+        folders = [self.home, self.artifact_dir, self.dataset_dir]
+        folders += [Path(p) for p in self.broker_transport_options.values()]
+        for folder in folders:
+            folder.mkdir(parents=True, exist_ok=True)
+
+
+@functools.lru_cache(maxsize=1)
+def get_settings() -> Settings:
+    """The process's settings, read once; tests call `get_settings.cache_clear()` after changing the environment."""
+    return Settings()

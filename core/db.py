@@ -1,0 +1,103 @@
+"""Database engine and sessions built from Settings; SQLite is set up so that the API and workers write side by side."""
+
+from __future__ import annotations
+
+import functools
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+from typing import Any
+
+from alembic import command
+from alembic.config import Config
+from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy.engine import URL, make_url
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.config import get_settings
+
+MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
+
+
+def create_db_engine(url: str | URL | None = None, **kwargs: Any) -> Engine:
+    """An engine for `url` (default: settings.database_url); extra keyword arguments go to create_engine."""
+    settings = get_settings()
+    url = make_url(url or settings.database_url)
+    if url.drivername in ("postgresql", "postgres"):
+        url = url.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we ship
+    if url.get_backend_name() == "sqlite":
+        return _sqlite_engine(url, busy_timeout_s=settings.sqlite_busy_timeout_s, **kwargs)
+    return create_engine(url, pool_pre_ping=True, **kwargs)
+
+
+def _sqlite_engine(url: URL, *, busy_timeout_s: float, **kwargs: Any) -> Engine:
+    if url.database and url.database != ":memory:" and not url.database.startswith("file:"):
+        Path(url.database).parent.mkdir(parents=True, exist_ok=True)
+    engine = create_engine(url, connect_args={"timeout": busy_timeout_s}, **kwargs)
+
+    @event.listens_for(engine, "connect")
+    def _on_connect(dbapi_connection: Any, _record: Any) -> None:
+        # Take transaction control away from sqlite3 (whose legacy mode BEGINs only before a write): _on_begin
+        # below emits BEGIN itself, as the SQLAlchemy pysqlite documentation describes.
+        dbapi_connection.isolation_level = None
+        cursor = dbapi_connection.cursor()
+        cursor.execute(f"PRAGMA busy_timeout = {int(busy_timeout_s * 1000)}")
+        cursor.execute("PRAGMA journal_mode = WAL")  # readers and the one writer no longer block each other
+        cursor.execute("PRAGMA foreign_keys = ON")
+        cursor.close()
+
+    @event.listens_for(engine, "begin")
+    def _on_begin(conn: Connection) -> None:
+        # IMMEDIATE takes the write lock up front and waits up to busy_timeout for it. A DEFERRED transaction
+        # that reads and then writes fails at once with "database is locked" if another writer got in between.
+        conn.exec_driver_sql(f"BEGIN {conn.get_execution_options().get('sqlite_begin', 'IMMEDIATE')}")
+
+    return engine
+
+
+def make_sessionmaker(engine: Engine, *, read_only: bool = False) -> sessionmaker[Session]:
+    """Sessions on `engine`. On SQLite every transaction holds the write lock unless `read_only` (BEGIN DEFERRED,
+    for sessions that only read): keep sessions short."""
+    bind = engine.execution_options(sqlite_begin="DEFERRED") if read_only else engine
+    # Objects stay readable after the commit that ends each core.jobs function, without a new (locking) SELECT.
+    return sessionmaker(bind=bind, expire_on_commit=False)
+
+
+@functools.lru_cache(maxsize=1)
+def get_engine() -> Engine:
+    """The process's engine for settings.database_url."""
+    return create_db_engine()
+
+
+@functools.lru_cache(maxsize=2)
+def get_sessionmaker(*, read_only: bool = False) -> sessionmaker[Session]:
+    """The process's session factory on get_engine()."""
+    return make_sessionmaker(get_engine(), read_only=read_only)
+
+
+@contextmanager
+def session_scope(*, read_only: bool = False) -> Iterator[Session]:
+    """A session closed on exit, which rolls back anything uncommitted; core.jobs functions commit themselves."""
+    with get_sessionmaker(read_only=read_only)() as session:
+        yield session
+
+
+def reset_engine() -> None:
+    """Dispose of the cached engine and forget the session factories (tests, or after settings changed)."""
+    if get_engine.cache_info().currsize:
+        get_engine().dispose()
+    get_engine.cache_clear()
+    get_sessionmaker.cache_clear()
+
+
+def alembic_config(url: str | None = None) -> Config:
+    """Alembic configuration for `url` (default: settings.database_url), independent of the working folder."""
+    config = Config()  # no ini file, so migrations/env.py leaves the application's logging alone
+    config.set_main_option("script_location", str(MIGRATIONS_DIR))
+    config.attributes["url"] = url or get_settings().database_url
+    return config
+
+
+def init_db(url: str | None = None) -> None:
+    """Migrate the database to the latest schema (alembic upgrade head)."""
+    command.upgrade(alembic_config(url), "head")

@@ -1,0 +1,258 @@
+"""Database tables (SQLAlchemy 2 typed ORM) and the enums stored in them; only core/jobs.py changes job rows."""
+
+from __future__ import annotations
+
+import enum
+import secrets
+import string
+from datetime import UTC, datetime
+from typing import Any
+
+from sqlalchemy import (
+    JSON,
+    BigInteger,
+    DateTime,
+    Dialect,
+    Enum,
+    ForeignKey,
+    Index,
+    Integer,
+    MetaData,
+    String,
+    Text,
+    TypeDecorator,
+    UniqueConstraint,
+)
+from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
+
+# Named constraints make Alembic batch migrations on SQLite and plain ALTERs on PostgreSQL agree.
+NAMING_CONVENTION = {
+    "ix": "ix_%(column_0_label)s",
+    "uq": "uq_%(table_name)s_%(column_0_N_name)s",
+    "ck": "ck_%(table_name)s_%(constraint_name)s",
+    "fk": "fk_%(table_name)s_%(column_0_name)s_%(referred_table_name)s",
+    "pk": "pk_%(table_name)s",
+}
+_ALPHANUMERIC = string.ascii_letters + string.digits
+# Kinds whose (job, attempt, kind, step) is unique, so a replayed batch of metrics is not stored twice.
+METRIC_KINDS = ("progress", "epoch_end", "test")
+STATUS_EVENT = "status"  # the job_event kind recorded for every lifecycle transition
+
+
+def utcnow() -> datetime:
+    return datetime.now(UTC)
+
+
+def new_id(prefix: str) -> str:
+    """A public id: prefix + 20 random letters and digits (~119 bits; digits and letters only, so ds_ ids match
+    the spec's dataset pattern)."""
+    return prefix + "".join(secrets.choice(_ALPHANUMERIC) for _ in range(20))
+
+
+class JobStatus(enum.StrEnum):
+    queued = "queued"
+    running = "running"
+    cancelling = "cancelling"
+    succeeded = "succeeded"
+    early_stopped = "early_stopped"
+    failed = "failed"
+    cancelled = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in TERMINAL
+
+
+TERMINAL = frozenset({JobStatus.succeeded, JobStatus.early_stopped, JobStatus.failed, JobStatus.cancelled})
+
+
+class FailureClass(enum.StrEnum):
+    invalid_spec = "invalid_spec"
+    diverged = "diverged"
+    timeout = "timeout"
+    worker_lost = "worker_lost"
+    out_of_memory = "out_of_memory"
+    internal = "internal"
+
+
+class ArtifactKind(enum.StrEnum):
+    checkpoint = "checkpoint"
+    model = "model"
+    spec = "spec"
+
+
+class UTCDateTime(TypeDecorator[datetime]):
+    """A timezone-aware UTC timestamp on every backend (SQLite stores naive text, so UTC is implied there)."""
+
+    impl = DateTime(timezone=True)
+    cache_ok = True
+
+    def process_bind_param(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        if value.tzinfo is None:
+            raise ValueError("naive datetime: pass an aware one (datetime.now(UTC))")
+        return value.astimezone(UTC)
+
+    def process_result_value(self, value: datetime | None, dialect: Dialect) -> datetime | None:
+        if value is None:
+            return None
+        return value.replace(tzinfo=UTC) if value.tzinfo is None else value.astimezone(UTC)
+
+
+def _enum(cls: type[enum.Enum], name: str) -> Enum:
+    # VARCHAR + CHECK rather than a native PostgreSQL enum: the same DDL on both backends, easy to extend.
+    return Enum(
+        cls,
+        name=name,
+        native_enum=False,
+        create_constraint=True,
+        length=32,
+        values_callable=lambda e: [m.value for m in e],
+    )
+
+
+# SQLite only autoincrements an INTEGER PRIMARY KEY; elsewhere event ids may outgrow 32 bits.
+EventId = BigInteger().with_variant(Integer(), "sqlite")
+
+
+class Base(DeclarativeBase):
+    metadata = MetaData(naming_convention=NAMING_CONVENTION)
+    type_annotation_map = {datetime: UTCDateTime, dict[str, Any]: JSON, list[Any]: JSON}
+
+
+class Tenant(Base):
+    __tablename__ = "tenant"
+
+    tenant_id: Mapped[str] = mapped_column(String(64), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class ApiKey(Base):
+    __tablename__ = "api_key"
+
+    api_key_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.tenant_id", ondelete="CASCADE"), index=True)
+    key_hash: Mapped[str] = mapped_column(String(128), unique=True)  # sha256 hex; never the key
+    prefix: Mapped[str] = mapped_column(String(16))  # first characters of the key, to recognise it
+    name: Mapped[str | None] = mapped_column(String(200))
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    revoked_at: Mapped[datetime | None]
+
+
+class Job(Base):
+    __tablename__ = "job"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        Index("ix_job_tenant_created", "tenant_id", "created_at", "job_id"),
+        Index("ix_job_tenant_status_created", "tenant_id", "status", "created_at", "job_id"),
+        Index("ix_job_status_lease", "status", "lease_expires_at"),  # the reaper and the outbox
+    )
+
+    job_id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job_"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.tenant_id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "status"), default=JobStatus.queued)
+    queue: Mapped[str] = mapped_column(String(64), default="cpu")
+    spec: Mapped[dict[str, Any]]
+    advice: Mapped[list[Any]] = mapped_column(default=list)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+
+    # Execution: attempt is the fencing token; every write of a worker names the attempt it holds.
+    attempt: Mapped[int] = mapped_column(default=0)
+    max_attempts: Mapped[int] = mapped_column(default=3)
+    lease_owner: Mapped[str | None] = mapped_column(String(200))
+    lease_expires_at: Mapped[datetime | None]
+    heartbeat_at: Mapped[datetime | None]
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    dispatched_at: Mapped[datetime | None]  # outbox: null until sent to the broker
+
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+    # Outcome.
+    stop_reason: Mapped[str | None] = mapped_column(String(64))
+    failure_class: Mapped[FailureClass | None] = mapped_column(_enum(FailureClass, "failure_class"))
+    failure_message: Mapped[str | None] = mapped_column(Text)
+    best_metrics: Mapped[dict[str, Any] | None]
+    final_metrics: Mapped[dict[str, Any] | None]
+    checkpoint_path: Mapped[str | None] = mapped_column(String(1024))
+    checkpoint_step: Mapped[int | None]
+    model_path: Mapped[str | None] = mapped_column(String(1024))
+
+
+class JobEvent(Base):
+    """One engine event (or a status change); job_event_id is the cursor of polling and the SSE id."""
+
+    __tablename__ = "job_event"
+    __table_args__ = (
+        Index("ix_job_event_job_cursor", "job_id", "job_event_id"),
+        # AUTOINCREMENT: SQLite must never reuse the id of a deleted (superseded) event, or cursors go back.
+        {"sqlite_autoincrement": True},
+    )
+
+    job_event_id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("job.job_id", ondelete="CASCADE"))
+    attempt: Mapped[int]
+    kind: Mapped[str] = mapped_column(String(32))
+    step: Mapped[int]
+    epoch: Mapped[int]
+    data: Mapped[dict[str, Any]]
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+_metric_kind = JobEvent.kind.in_(METRIC_KINDS)
+Index(
+    "uq_job_event_metric_step",
+    JobEvent.job_id,
+    JobEvent.attempt,
+    JobEvent.kind,
+    JobEvent.step,
+    unique=True,
+    sqlite_where=_metric_kind,
+    postgresql_where=_metric_kind,
+)
+
+
+class JobTransition(Base):
+    """The lifecycle log: one row per status change, never updated."""
+
+    __tablename__ = "job_transition"
+
+    job_transition_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("job.job_id", ondelete="CASCADE"), index=True)
+    from_status: Mapped[JobStatus | None] = mapped_column(_enum(JobStatus, "from_status"))
+    to_status: Mapped[JobStatus] = mapped_column(_enum(JobStatus, "to_status"))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    reason: Mapped[str | None] = mapped_column(Text)
+    attempt: Mapped[int]
+
+
+class Dataset(Base):
+    __tablename__ = "dataset"
+    __table_args__ = (Index("ix_dataset_tenant_created", "tenant_id", "created_at"),)
+
+    dataset_id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("ds_"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.tenant_id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    filename: Mapped[str] = mapped_column(String(255))
+    path: Mapped[str] = mapped_column(String(1024))
+    size_bytes: Mapped[int] = mapped_column(BigInteger)
+    description: Mapped[dict[str, Any]] = mapped_column(default=dict)  # shape, classes, counts...
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+
+
+class Artifact(Base):
+    __tablename__ = "artifact"
+
+    artifact_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    job_id: Mapped[str] = mapped_column(ForeignKey("job.job_id", ondelete="CASCADE"), index=True)
+    attempt: Mapped[int]
+    kind: Mapped[ArtifactKind] = mapped_column(_enum(ArtifactKind, "kind"))
+    path: Mapped[str] = mapped_column(String(1024))
+    size_bytes: Mapped[int | None] = mapped_column(BigInteger)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -1,0 +1,95 @@
+"""Shared fixtures. Databases: `db_url` (migrated, empty; a SQLite file and PostgreSQL), `session_factory`,
+`empty_db_url` (no tables). PostgreSQL is skipped when unreachable, except under CI where that fails."""
+
+from __future__ import annotations
+
+import os
+import secrets
+import shutil
+from collections.abc import Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import pytest
+import sqlalchemy as sa
+from sqlalchemy.orm import Session, sessionmaker
+
+from core.db import create_db_engine, init_db, make_sessionmaker
+from core.models import Base
+
+POSTGRES_ADMIN_URL = os.environ.get("TRICKSERVE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+BACKENDS = ["sqlite", "postgresql"]
+
+
+def _require_postgres() -> None:
+    try:
+        with sa.create_engine(POSTGRES_ADMIN_URL).connect():
+            pass
+    except sa.exc.OperationalError as exc:
+        message = f"PostgreSQL unreachable at {POSTGRES_ADMIN_URL}: {exc.orig}"
+        if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+            pytest.fail(message)
+        pytest.skip(message)
+
+
+@contextmanager
+def _new_postgres_database() -> Iterator[str]:
+    """A uniquely named database, dropped afterwards."""
+    _require_postgres()
+    name = f"trickserve_test_{secrets.token_hex(6)}"
+    admin = sa.create_engine(POSTGRES_ADMIN_URL, isolation_level="AUTOCOMMIT")
+    with admin.connect() as conn:
+        conn.exec_driver_sql(f"CREATE DATABASE {name}")
+    try:
+        yield sa.make_url(POSTGRES_ADMIN_URL).set(database=name).render_as_string(hide_password=False)
+    finally:
+        with admin.connect() as conn:
+            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
+        admin.dispose()
+
+
+@pytest.fixture(scope="session")
+def _migrated_postgres() -> Iterator[str]:
+    with _new_postgres_database() as url:
+        init_db(url)
+        yield url
+
+
+@pytest.fixture(scope="session")
+def _migrated_sqlite(tmp_path_factory: pytest.TempPathFactory) -> Path:
+    path = tmp_path_factory.mktemp("template") / "trickserve.db"
+    init_db(f"sqlite:///{path}")
+    return path
+
+
+@pytest.fixture(params=BACKENDS)
+def db_url(request: pytest.FixtureRequest, tmp_path: Path) -> str:
+    """A migrated database with no rows: a fresh SQLite file, or the session's PostgreSQL database emptied."""
+    if request.param == "sqlite":
+        path = tmp_path / "trickserve.db"
+        shutil.copy(request.getfixturevalue("_migrated_sqlite"), path)
+        return f"sqlite:///{path}"
+    url: str = request.getfixturevalue("_migrated_postgres")
+    engine = create_db_engine(url)
+    with engine.begin() as conn:
+        conn.exec_driver_sql(f"TRUNCATE {', '.join(t.name for t in Base.metadata.sorted_tables)} RESTART IDENTITY")
+    engine.dispose()
+    return url
+
+
+@pytest.fixture
+def session_factory(db_url: str) -> Iterator[sessionmaker[Session]]:
+    """Sessions on `db_url`, configured as the service configures them."""
+    engine = create_db_engine(db_url)
+    yield make_sessionmaker(engine)
+    engine.dispose()
+
+
+@pytest.fixture(params=BACKENDS)
+def empty_db_url(request: pytest.FixtureRequest, tmp_path: Path) -> Iterator[str]:
+    """A database with no tables at all: a new SQLite file, or a new PostgreSQL database."""
+    if request.param == "sqlite":
+        yield f"sqlite:///{tmp_path / 'empty.db'}"
+        return
+    with _new_postgres_database() as url:
+        yield url
