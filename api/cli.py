@@ -9,6 +9,8 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
+from api import client
+
 from core.spec import JobSpec, SpecError, load_spec, spec_errors
 
 
@@ -30,18 +32,9 @@ def main(argv: list[str] | None = None) -> int:
     p = sub.add_parser("schema", help="print the JSON Schema of a job spec")
     p.set_defaults(func=cmd_schema)
 
-    _add_service_commands(sub)
+    client.register(sub)
     args = parser.parse_args(argv)
     return args.func(args)
-
-
-def _add_service_commands(sub: argparse._SubParsersAction) -> None:
-    """Service and client commands live in api/client.py and are registered when that module exists."""
-    try:
-        from api import client
-    except ImportError:
-        return
-    client.register(sub)
 
 
 def read_spec_or_exit(path: str) -> JobSpec:
