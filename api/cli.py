@@ -10,7 +10,6 @@ from pathlib import Path
 from pydantic import ValidationError
 
 from api import client
-
 from core.spec import JobSpec, SpecError, load_spec, spec_errors
 
 
