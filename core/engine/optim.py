@@ -45,7 +45,8 @@ class Schedule:
         for g in optimizer.param_groups:
             g.setdefault("base_lr", g["lr"])
         self.plateau_factor, self.plateau_best, self.plateau_wait = 1.0, None, 0
-        self.apply(0)
+        self.static = spec.name in ("constant", "plateau") and self.warmup == 0  # lr changes only at epoch ends
+        self._apply(0)
 
     def factor(self, step: int) -> float:
         """The multiplier of the base lr at a global optimizer step."""
@@ -77,6 +78,11 @@ class Schedule:
         return max(g["base_lr"] for g in self.optimizer.param_groups)
 
     def apply(self, step: int) -> None:
+        """Set the lr for the optimizer step that follows global step `step`."""
+        if not self.static:
+            self._apply(step)
+
+    def _apply(self, step: int) -> None:
         f = self.factor(step)
         for g in self.optimizer.param_groups:
             g["lr"] = max(g["base_lr"] * f, self.spec.min_lr if self.spec.name == "plateau" else 0.0)
@@ -95,6 +101,7 @@ class Schedule:
         if self.plateau_wait >= self.spec.patience:
             self.plateau_factor *= self.spec.factor
             self.plateau_wait = 0
+            self._apply(0)
 
     def lr(self) -> float:
         """The current learning rate of the last group (the head's)."""
@@ -105,3 +112,4 @@ class Schedule:
 
     def load_state_dict(self, state: dict[str, Any]) -> None:
         self.plateau_factor, self.plateau_best, self.plateau_wait = state["factor"], state["best"], state["wait"]
+        self._apply(0)

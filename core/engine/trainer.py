@@ -152,7 +152,7 @@ def _train_epoch(run: Run, progress: dict[str, Any] | None) -> dict[str, Any] | 
     smoothing = run.spec.train.label_smoothing
     if progress is None:
         perm = torch.randperm(data.x_train.shape[0], device=run.device, generator=run.generator)
-        sums, start = torch.zeros(3, device=run.device), 0  # loss*n, correct, n — summed on the device
+        sums, start = torch.zeros(3, device=run.device), 0  # loss*n, correct, n; summed on the device
     else:
         perm, sums, start = progress["perm"].to(run.device), progress["sums"].to(run.device), progress["batch"]
     ctx.model.train()
@@ -172,8 +172,10 @@ def _train_epoch(run: Run, progress: dict[str, Any] | None) -> dict[str, Any] | 
         opt.step()
         ctx.step += 1
         run.schedule.apply(ctx.step)
-        with torch.no_grad():
-            sums += torch.stack((loss.detach() * y.shape[0], (logits.argmax(1) == y).sum(), _n(y)))
+        with torch.no_grad():  # no .item() here: a host sync per step would stall a GPU
+            sums[0].add_(loss.detach(), alpha=y.shape[0])
+            sums[1].add_((logits.argmax(1) == y).sum())
+            sums[2].add_(y.shape[0])
         run.callbacks.on_step_end(ctx)
         if time.monotonic() - last_report >= interval:
             last_report = time.monotonic()
@@ -182,10 +184,6 @@ def _train_epoch(run: Run, progress: dict[str, Any] | None) -> dict[str, Any] | 
             return {"perm": perm.cpu(), "sums": sums.cpu(), "batch": i + 1}
     run.train_sums = sums
     return None
-
-
-def _n(y: torch.Tensor) -> torch.Tensor:
-    return torch.tensor(float(y.shape[0]), device=y.device)
 
 
 def _report_progress(run: Run, sums: torch.Tensor, steps_done: int, elapsed: float, step_in_epoch: int) -> None:
