@@ -9,7 +9,7 @@ import pytest
 import torch
 from PIL import Image
 
-from core.engine import data
+from core.engine import data, files
 from core.engine.data import describe_dataset, load_data
 from core.spec import DataSpec, SpecError
 
@@ -243,11 +243,11 @@ def test_zip_path_traversal_is_rejected(tmp_path, name):
 
 def test_zip_entry_count_and_size_limits(tmp_path, monkeypatch):
     path = write_zip(tmp_path, {f"{c}/{i}.png": Image.new("L", (4, 4)) for c in "ab" for i in range(3)})
-    monkeypatch.setattr(data, "MAX_ZIP_ENTRIES", 5)
+    monkeypatch.setattr(files, "MAX_ZIP_ENTRIES", 5)
     with pytest.raises(SpecError, match="entries"):
         describe_dataset(path)
-    monkeypatch.setattr(data, "MAX_ZIP_ENTRIES", 100)
-    monkeypatch.setattr(data, "MAX_ZIP_BYTES", 100)
+    monkeypatch.setattr(files, "MAX_ZIP_ENTRIES", 100)
+    monkeypatch.setattr(files, "MAX_ZIP_BYTES", 100)
     with pytest.raises(SpecError, match="GiB"):
         describe_dataset(path)
 
