@@ -1,0 +1,100 @@
+"""Route dependencies as Annotated aliases: settings, sessions, the caller's tenant, the caller's job, limits."""
+
+from __future__ import annotations
+
+from collections.abc import Iterator
+from typing import Annotated, Any
+
+from fastapi import Body, Depends, Path, Query, Request
+from pydantic import WithJsonSchema
+from sqlalchemy.orm import Session
+
+from api import dispatch
+from api.errors import ApiError, problem
+from core import jobs
+from core.config import Settings
+from core.models import Job
+
+DEFAULT_TENANT = "default"
+
+
+def get_settings(request: Request) -> Settings:
+    return request.app.state.settings
+
+
+SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def read_session(request: Request) -> Iterator[Session]:
+    """A session for reads: on SQLite it never takes the write lock (BEGIN DEFERRED)."""
+    with request.app.state.read_sessions() as session:
+        yield session
+
+
+def write_session(request: Request) -> Iterator[Session]:
+    """A session for core functions that change state (they commit themselves)."""
+    with request.app.state.sessions() as session:
+        yield session
+
+
+# scope="function": the session closes when the route returns, before a (streamed) answer is sent.
+SessionDep = Annotated[Session, Depends(read_session, scope="function")]
+WriteSessionDep = Annotated[Session, Depends(write_session, scope="function")]
+
+
+def current_tenant() -> str:
+    """The caller's tenant. Every request is the `default` tenant until authentication arrives; this is the one
+    place that decides it, so every query below filters by what it returns."""
+    return DEFAULT_TENANT
+
+
+TenantDep = Annotated[str, Depends(current_tenant)]
+
+
+def caller_job(
+    job_id: Annotated[str, Path(description="job id, e.g. job_...")], session: SessionDep, tenant: TenantDep
+) -> Job:
+    """The caller's job, or 404 (also for another tenant's job, so ids cannot be probed)."""
+    job = jobs.get_job(session, tenant, job_id)
+    if job is None:
+        raise jobs.JobNotFound(job_id)
+    return job
+
+
+JobDep = Annotated[Job, Depends(caller_job)]
+
+
+def page_limit(
+    settings: SettingsDep,
+    limit: Annotated[int | None, Query(ge=1, description="items per page; at most settings.max_page_size")] = None,
+) -> int:
+    """The page size asked for, the default when none, 422 above the maximum."""
+    if limit is None:
+        return settings.default_page_size
+    if limit > settings.max_page_size:
+        details = [problem("query.limit", f"must be at most {settings.max_page_size}", "less_than_equal")]
+        raise ApiError(422, "invalid_request", f"limit must be at most {settings.max_page_size}", details)
+    return limit
+
+
+PageLimitDep = Annotated[int, Depends(page_limit)]
+
+
+def require_json(request: Request) -> None:
+    """415 unless the body is declared as JSON (FastAPI would otherwise report a confusing type error)."""
+    content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()
+    if content_type != "application/json" and not content_type.endswith("+json"):
+        raise ApiError(415, "unsupported_media_type", "send the body as application/json")
+
+
+# The body of POST /v1/jobs and /v1/specs/validate: the spec itself, validated by the route so that every
+# problem comes back as invalid_spec with its dotted path. OpenAPI documents it as JobSpec (see api.main).
+SpecBody = Annotated[dict[str, Any], WithJsonSchema({"$ref": "#/components/schemas/JobSpec"}), Body()]
+
+
+def get_enqueue() -> dispatch.Enqueue:
+    """How a stored job is sent to the workers; tests override this dependency to watch the calls."""
+    return dispatch.send_run_job
+
+
+EnqueueDep = Annotated[dispatch.Enqueue, Depends(get_enqueue)]

@@ -1,0 +1,125 @@
+"""Every error answer is JSON `{"error": {"code", "message", "details"}}`; the handlers here map exceptions to it."""
+
+from __future__ import annotations
+
+import logging
+import secrets
+from collections.abc import Callable
+from typing import Any
+
+from fastapi import FastAPI, Request
+from fastapi.exceptions import RequestValidationError
+from fastapi.responses import JSONResponse
+from pydantic import ValidationError
+from starlette.exceptions import HTTPException
+
+from core.jobs import IdempotencyConflict, IllegalTransition, InvalidCursor, JobNotFound
+from core.spec import SpecError, spec_errors
+from core.submit import InvalidSpec, TooManyActiveJobs
+
+log = logging.getLogger(__name__)
+
+# The code of an error raised without one (Starlette's 404 for unknown paths, 405, the body limit's 413...).
+STATUS_CODES = {
+    400: "bad_request",
+    401: "unauthorized",
+    403: "forbidden",
+    404: "not_found",
+    405: "method_not_allowed",
+    409: "conflict",
+    413: "payload_too_large",
+    415: "unsupported_media_type",
+    422: "invalid_request",
+    429: "too_many_requests",
+    503: "unavailable",
+}
+
+
+class ApiError(Exception):
+    """An error answer raised by route code: HTTP status, machine-readable code, a message for people, details."""
+
+    def __init__(self, status: int, code: str, message: str, details: Any = None):
+        super().__init__(message)
+        self.status, self.code, self.message, self.details = status, code, message, details
+
+
+def error_response(
+    status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+) -> JSONResponse:
+    """The JSON error answer."""
+    body = {"error": {"code": code, "message": message, "details": details}}
+    return JSONResponse(body, status_code=status, headers=headers)
+
+
+def problem(path: str, message: str, type_: str = "value_error") -> dict[str, str]:
+    """One entry of `details`: what is wrong where."""
+    return {"path": path, "message": message, "type": type_}
+
+
+def _invalid_spec(details: list[dict[str, Any]]) -> JSONResponse:
+    n = len(details)
+    message = f"the job spec has {n} problem{'s' * (n != 1)}: " + "; ".join(
+        f"{d['path']}: {d['message']}" for d in details[:3]
+    )
+    return error_response(422, "invalid_spec", message + (" ..." if n > 3 else ""), details)
+
+
+async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
+    return error_response(exc.status, exc.code, exc.message, exc.details)
+
+
+async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
+    message = exc.detail if isinstance(exc.detail, str) else STATUS_CODES.get(exc.status_code, "error")
+    return error_response(exc.status_code, STATUS_CODES.get(exc.status_code, "error"), message, headers=exc.headers)
+
+
+async def _request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:
+    details = [
+        problem(".".join(str(p) for p in err.get("loc", ())), err.get("msg", ""), err.get("type", ""))
+        for err in exc.errors()
+    ]
+    first = f"{details[0]['path']}: {details[0]['message']}" if details else "invalid request"
+    return error_response(422, "invalid_request", f"the request is not valid: {first}", details)
+
+
+async def _validation_error(request: Request, exc: ValidationError) -> JSONResponse:
+    if not exc.title.endswith("Spec"):  # not a part of core.spec: a bug of ours, not the caller's
+        return await _internal(request, exc)
+    return _invalid_spec(spec_errors(exc))
+
+
+async def _spec_error(request: Request, exc: SpecError) -> JSONResponse:
+    return _invalid_spec([problem(exc.path, exc.message, "spec_error")])
+
+
+async def _submit_invalid(request: Request, exc: InvalidSpec) -> JSONResponse:
+    return _invalid_spec(exc.errors)
+
+
+async def _internal(request: Request, exc: Exception) -> JSONResponse:
+    error_id = secrets.token_hex(8)
+    log.error("internal error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
+    return error_response(500, "internal", "internal server error", {"error_id": error_id})
+
+
+def _simple(status: int, code: str, message: Callable[[Exception], str] = str) -> Any:
+    async def handler(request: Request, exc: Exception) -> JSONResponse:
+        return error_response(status, code, message(exc))
+
+    return handler
+
+
+def install_error_handlers(app: FastAPI) -> None:
+    """Answer every error, expected or not, in the JSON error format; never with a traceback."""
+    app.add_exception_handler(ApiError, _api_error)
+    app.add_exception_handler(HTTPException, _http_error)
+    app.add_exception_handler(RequestValidationError, _request_invalid)
+    app.add_exception_handler(ValidationError, _validation_error)
+    app.add_exception_handler(SpecError, _spec_error)
+    app.add_exception_handler(InvalidSpec, _submit_invalid)
+    app.add_exception_handler(TooManyActiveJobs, _simple(429, "too_many_active_jobs"))
+    app.add_exception_handler(IllegalTransition, _simple(409, "illegal_transition"))
+    app.add_exception_handler(IdempotencyConflict, _simple(422, "idempotency_key_reused"))
+    app.add_exception_handler(JobNotFound, _simple(404, "not_found", lambda exc: f"no job {exc}"))
+    app.add_exception_handler(InvalidCursor, _simple(400, "invalid_cursor"))
+    app.add_exception_handler(Exception, _internal)

@@ -1,0 +1,77 @@
+"""The app factory: `create_app(settings)` builds the FastAPI application (run it with `uvicorn --factory`)."""
+
+from __future__ import annotations
+
+from collections.abc import AsyncIterator
+from contextlib import asynccontextmanager
+from typing import Any
+
+from fastapi import FastAPI
+from fastapi.openapi.utils import get_openapi
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import DEFAULT_TENANT
+from api.errors import install_error_handlers
+from api.limits import BodyLimitMiddleware
+from api.monitoring import LatencyMiddleware, Monitoring
+from api.routes import include_routers, upload_limits
+from api.streaming import StreamSlots
+from core import jobs
+from core.config import Settings, get_settings
+from core.db import create_db_engine, make_sessionmaker
+from core.spec import JobSpec
+
+DESCRIPTION = """Submit deep-learning training jobs as specs, follow their metrics live, download the trained model.
+
+Every error is JSON `{"error": {"code", "message", "details"}}`; a bad spec gets 422 `invalid_spec` listing
+every problem with its dotted path (`optim.lr`)."""
+
+
+def create_app(settings: Settings | None = None) -> FastAPI:
+    """The API for `settings` (default: the process's TRICKSERVE_* settings)."""
+    settings = settings or get_settings()
+    app = FastAPI(
+        title="trickserve",
+        version="1",
+        description=DESCRIPTION,
+        lifespan=_lifespan,
+    )
+    engine = create_db_engine(settings.database_url)
+    app.state.settings = settings
+    app.state.engine = engine
+    app.state.sessions = make_sessionmaker(engine)
+    app.state.read_sessions = make_sessionmaker(engine, read_only=True)
+    app.state.stream_slots = StreamSlots(settings.sse_max_connections_per_tenant)
+    app.state.monitoring = Monitoring(app.state.read_sessions)
+    app.add_middleware(BodyLimitMiddleware, default=settings.max_body_kb * 1024, per_path=upload_limits(settings))
+    app.add_middleware(LatencyMiddleware, monitoring=app.state.monitoring)
+    install_error_handlers(app)
+    include_routers(app)
+    app.openapi = lambda: _openapi(app)  # type: ignore[method-assign]
+    return app
+
+
+@asynccontextmanager
+async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
+    settings: Settings = app.state.settings
+    await run_in_threadpool(settings.ensure_dirs)
+    await run_in_threadpool(_ensure_default_tenant, app)
+    yield
+    app.state.engine.dispose()
+
+
+def _ensure_default_tenant(app: FastAPI) -> None:
+    with app.state.sessions() as session:
+        jobs.ensure_tenant(session=session, tenant_id=DEFAULT_TENANT)
+
+
+def _openapi(app: FastAPI) -> dict[str, Any]:
+    """The generated schema plus JobSpec (the body of POST /v1/jobs and /v1/specs/validate) and its parts."""
+    if app.openapi_schema is None:
+        schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
+        spec = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
+        components = schema.setdefault("components", {}).setdefault("schemas", {})
+        components.update(spec.pop("$defs", {}))
+        components["JobSpec"] = spec
+        app.openapi_schema = schema
+    return app.openapi_schema

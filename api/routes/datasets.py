@@ -1,0 +1,125 @@
+"""Datasets: upload a .npz, .csv or image-folder .zip (streamed to disk, size-limited, validated), read, list."""
+
+from __future__ import annotations
+
+from pathlib import PurePath
+from typing import Annotated
+
+from fastapi import APIRouter, Query, Request, Response
+from fastapi import Path as PathParam
+from sqlalchemy.orm import Session
+from starlette.concurrency import run_in_threadpool
+
+from api.deps import PageLimitDep, SessionDep, SettingsDep, TenantDep, WriteSessionDep
+from api.errors import ApiError, problem
+from api.schemas import ERRORS, DatasetPublic, DatasetsPage, ErrorBody
+from api.uploads import Upload, receive_upload
+from core.datasets import create_dataset, get_dataset, list_datasets
+from core.engine.data import describe_dataset
+from core.models import Dataset, new_id
+from core.spec import SpecError
+
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERRORS)
+
+SUFFIXES = (".npz", ".csv", ".zip")
+MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and the text fields around the file
+UPLOAD_OPENAPI = {
+    "requestBody": {
+        "required": True,
+        "content": {
+            "multipart/form-data": {
+                "schema": {
+                    "type": "object",
+                    "required": ["file"],
+                    "properties": {
+                        "file": {"type": "string", "format": "binary", "description": ".npz, .csv or .zip"},
+                        "name": {"type": "string", "description": "a label; default: the file name"},
+                        "label_column": {"type": "string", "description": ".csv: the label column (default label)"},
+                    },
+                }
+            }
+        },
+    }
+}
+
+
+def upload_limit(max_upload_mb: int) -> int:
+    """Bytes an upload request may hold: the file limit plus room for the multipart framing."""
+    return max_upload_mb * 2**20 + MULTIPART_OVERHEAD
+
+
+@router.post(
+    "",
+    status_code=201,
+    openapi_extra=UPLOAD_OPENAPI,
+    responses={413: {"model": ErrorBody, "description": "larger than settings.max_upload_mb"}},
+)
+async def upload_dataset(
+    request: Request, response: Response, session: WriteSessionDep, tenant: TenantDep, settings: SettingsDep
+) -> DatasetPublic:
+    """Upload a dataset: .npz (arrays x, y, optional x_test, y_test), .csv (numeric columns and a label column) or
+    .zip (images in class-named folders). It is validated now; use its id as `data.dataset` in a spec."""
+    folder = settings.dataset_dir / tenant
+    upload = await receive_upload(request, folder=folder, max_bytes=settings.max_upload_mb * 2**20, suffixes=SUFFIXES)
+    try:
+        row = await run_in_threadpool(_store, upload, session, tenant)
+    except BaseException:
+        upload.path.unlink(missing_ok=True)
+        raise
+    response.headers["Location"] = f"/v1/datasets/{row.dataset_id}"
+    return DatasetPublic.from_row(row)
+
+
+@router.get("")
+def list_uploaded(
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: PageLimitDep,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> DatasetsPage:
+    """The tenant's datasets, newest first."""
+    rows, next_cursor = list_datasets(session, tenant, cursor=cursor, limit=limit)
+    return DatasetsPage(items=[DatasetPublic.from_row(row) for row in rows], next_cursor=next_cursor)
+
+
+@router.get("/{dataset_id}")
+def read_dataset(
+    dataset_id: Annotated[str, PathParam(description="ds_...")], session: SessionDep, tenant: TenantDep
+) -> DatasetPublic:
+    """One dataset and its description: example shape, kind, classes, counts."""
+    row = get_dataset(session, tenant, dataset_id)
+    if row is None:
+        raise ApiError(404, "not_found", f"no dataset {dataset_id}")
+    return DatasetPublic.from_row(row)
+
+
+def _store(upload: Upload, session: Session, tenant_id: str) -> Dataset:
+    """Validate the received file, give it its final name, and record it."""
+    label_column = (upload.fields.get("label_column") or "label").strip()
+    description = _describe(upload, label_column)
+    dataset_id = new_id("ds_")
+    upload.path = upload.path.rename(upload.path.with_name(f"{dataset_id}{upload.path.suffix}"))
+    upload.path.chmod(0o644)  # mkstemp made it owner-only; a worker running as another user must read it
+    return create_dataset(
+        session=session,
+        tenant_id=tenant_id,
+        dataset_id=dataset_id,
+        name=_name(upload),
+        filename=upload.filename,
+        path=f"{tenant_id}/{upload.path.name}",  # under settings.dataset_dir, wherever a volume is mounted
+        size_bytes=upload.size_bytes,
+        description={**description, "label_column": label_column if upload.path.suffix == ".csv" else None},
+    )
+
+
+def _describe(upload: Upload, label_column: str) -> dict:
+    try:
+        return describe_dataset(upload.path, label_column)
+    except SpecError as exc:
+        field = "label_column" if exc.path == "data.label_column" else "file"
+        message = exc.message.replace(upload.path.name, upload.filename)  # the user's name, not our temporary one
+        raise ApiError(422, "invalid_dataset", message, [problem(field, message, "invalid_dataset")]) from None
+
+
+def _name(upload: Upload) -> str:
+    return (upload.fields.get("name") or "").strip()[:200] or PurePath(upload.filename).stem[:200] or "dataset"

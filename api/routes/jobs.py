@@ -1,0 +1,146 @@
+"""Jobs: submit a spec, list, read, cancel, the lifecycle log, and the trained model and spec."""
+
+from __future__ import annotations
+
+from pathlib import Path
+from typing import Annotated, Any
+
+from fastapi import APIRouter, Depends, Header, Query, Response
+from fastapi.responses import FileResponse
+
+from api.deps import (
+    EnqueueDep,
+    JobDep,
+    PageLimitDep,
+    SessionDep,
+    SettingsDep,
+    SpecBody,
+    TenantDep,
+    WriteSessionDep,
+    require_json,
+)
+from api.dispatch import dispatch
+from api.errors import ApiError, problem
+from api.schemas import ERRORS, ErrorBody, JobPublic, JobsPage, TransitionPublic
+from core import jobs, notify
+from core.config import Settings
+from core.models import JobStatus, utcnow
+from core.submit import submit_spec
+
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
+
+IdempotencyKey = Annotated[
+    str | None,
+    Header(
+        max_length=255,
+        description="retrying with the same key and body returns the first job (200); another body is refused (422)",
+    ),
+]
+
+
+@router.post(
+    "",
+    status_code=201,
+    dependencies=[Depends(require_json)],
+    responses={200: {"model": JobPublic, "description": "replayed: the job an earlier request with this key made"},
+               429: {"model": ErrorBody, "description": "too many queued or running jobs"}},
+)  # fmt: skip
+def create_job(
+    spec: SpecBody,
+    response: Response,
+    session: WriteSessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    enqueue: EnqueueDep,
+    idempotency_key: IdempotencyKey = None,
+) -> JobPublic:
+    """Submit a job spec (the body is the spec itself). The job is stored and committed, then sent to a worker; if
+    the broker is down it stays queued and is sent later. 201 with the job, its resolved spec and its advice."""
+    started = utcnow()
+    job = submit_spec(
+        session=session,
+        tenant_id=tenant,
+        spec_dict=spec,
+        idempotency_key=idempotency_key,
+        max_active_jobs=settings.max_active_jobs_per_tenant,
+    )
+    dispatch(session, job, enqueue)
+    response.status_code = 201 if job.created_at >= started else 200  # an older job: replayed by its key
+    response.headers["Location"] = f"/v1/jobs/{job.job_id}"
+    return JobPublic.from_job(job)
+
+
+@router.get("")
+def list_jobs(
+    session: SessionDep,
+    tenant: TenantDep,
+    limit: PageLimitDep,
+    status: Annotated[list[str] | None, Query(description="keep these statuses (comma-separated or repeated)")] = None,
+    name: Annotated[str | None, Query(max_length=200, description="keep jobs with exactly this name")] = None,
+    cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
+) -> JobsPage:
+    """The tenant's jobs, newest first; filters apply before the page limit."""
+    items, next_cursor = jobs.list_jobs(
+        session, tenant, status=_statuses(status), name=name, cursor=cursor, limit=limit
+    )
+    return JobsPage(items=[JobPublic.from_job(job) for job in items], next_cursor=next_cursor)
+
+
+@router.get("/{job_id}")
+def read_job(job: JobDep) -> JobPublic:
+    """Status, attempt, timings, best and final metrics, stop reason, failure, advice and the resolved spec."""
+    return JobPublic.from_job(job)
+
+
+@router.post("/{job_id}/cancel")
+def cancel_job(job_id: str, session: WriteSessionDep, tenant: TenantDep, settings: SettingsDep) -> JobPublic:
+    """Ask the job to stop; idempotent. A queued job is cancelled at once, a running one becomes `cancelling` and
+    ends `cancelled` after saving a checkpoint; a finished job is answered unchanged."""
+    job = jobs.request_cancel(session=session, job_id=job_id, tenant_id=tenant)
+    notify.publish(settings.redis_url, job_id)  # wake the job's event streams now
+    return JobPublic.from_job(job)
+
+
+@router.get("/{job_id}/transitions")
+def read_transitions(job: JobDep, session: SessionDep) -> list[TransitionPublic]:
+    """The lifecycle log, oldest first: every status change with its time, reason and attempt."""
+    return [TransitionPublic.from_row(row) for row in jobs.list_transitions(session, job.job_id)]
+
+
+@router.get(
+    "/{job_id}/model",
+    response_class=FileResponse,
+    responses={200: {"content": {"application/octet-stream": {}}, "description": "model.safetensors"}},
+)
+def download_model(job: JobDep, settings: SettingsDep) -> FileResponse:
+    """The trained weights as safetensors; the resolved spec is in the file's metadata (key `spec`)."""
+    path = _model_file(job.model_path, settings)
+    if path is None:
+        message = f"job {job.job_id} has no trained model yet (it is {job.status})"
+        raise ApiError(404, "model_not_ready", message)
+    return FileResponse(path, media_type="application/octet-stream", filename=f"{job.job_id}.safetensors")
+
+
+@router.get("/{job_id}/spec")
+def read_spec(job: JobDep) -> dict[str, Any]:
+    """The job's resolved spec, ready to submit again."""
+    return job.spec
+
+
+def _statuses(values: list[str] | None) -> list[JobStatus] | None:
+    if not values:
+        return None
+    names = [v.strip() for value in values for v in value.split(",") if v.strip()]
+    unknown = [n for n in names if n not in JobStatus.__members__]
+    if unknown:
+        message = f"unknown status {unknown[0]!r}; choose from {', '.join(JobStatus)}"
+        raise ApiError(422, "invalid_request", message, [problem("query.status", message, "enum")])
+    return [JobStatus(n) for n in names] or None
+
+
+def _model_file(model_path: str | None, settings: Settings) -> Path | None:
+    if not model_path:
+        return None
+    path = Path(model_path)
+    path = path if path.is_absolute() else settings.artifact_dir / path
+    return path if path.is_file() else None

@@ -1,0 +1,225 @@
+"""What the API answers, by family (JobPublic, JobsPage, ...); the request body of a job is core.spec.JobSpec itself."""
+
+from __future__ import annotations
+
+from datetime import datetime
+from typing import Any, Literal
+
+from pydantic import BaseModel, ConfigDict, Field
+
+from core.models import Dataset, FailureClass, Job, JobEvent, JobStatus, JobTransition
+
+
+class Public(BaseModel):
+    """Base of the answers: fields named after Python keywords (`class`, `from`) are written by their alias."""
+
+    model_config = ConfigDict(serialize_by_alias=True, validate_by_name=True, from_attributes=True)
+
+
+class ErrorDetail(Public):
+    code: str = Field(description="machine-readable, e.g. invalid_spec, not_found, invalid_cursor")
+    message: str = Field(description="for people")
+    details: Any = Field(None, description="invalid_spec/invalid_request: a list of {path, message, type}")
+
+
+class ErrorBody(Public):
+    error: ErrorDetail
+
+
+ERRORS: dict[int | str, dict[str, Any]] = {
+    status: {"model": ErrorBody, "description": text}
+    for status, text in [(404, "Not found"), (422, "Invalid request or spec"), (500, "Internal error")]
+}
+
+
+# ---------------------------------------------------------------------------------------------- jobs
+
+
+class Failure(Public):
+    class_: FailureClass = Field(alias="class", description="why the job failed")
+    message: str | None = None
+
+
+class AdvicePublic(Public):
+    code: str = Field(description="stable identifier, e.g. DROPOUT_RANGE")
+    message: str
+    path: str = Field(description="the spec field it concerns, e.g. model.dropout")
+    severity: Literal["info", "warning", "danger"] = "warning"
+
+
+class JobLinks(Public):
+    self_: str = Field(alias="self")
+    events: str
+    metrics: str
+    transitions: str
+    cancel: str
+    model: str
+    spec: str
+
+
+class JobPublic(Public):
+    id: str
+    name: str
+    status: JobStatus
+    attempt: int = Field(description="attempts started so far (a lost worker's job is retried from its checkpoint)")
+    max_attempts: int
+    queue: str = Field(description="broker queue: cpu or gpu")
+    cancel_requested: bool
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    updated_at: datetime
+    stop_reason: str | None = Field(description="e.g. early_stop, cancelled, timeout, diverged")
+    failure: Failure | None = Field(description="set when status is failed")
+    best_metrics: dict[str, Any] | None
+    final_metrics: dict[str, Any] | None
+    advice: list[AdvicePublic] = Field(description="good practices the spec departs from; never a rejection")
+    spec: dict[str, Any] = Field(description="the resolved spec: every default filled in")
+    links: JobLinks
+
+    @classmethod
+    def from_job(cls, job: Job) -> JobPublic:
+        failure = None if job.failure_class is None else Failure(class_=job.failure_class, message=job.failure_message)
+        return cls(
+            id=job.job_id,
+            name=job.name,
+            status=job.status,
+            attempt=job.attempt,
+            max_attempts=job.max_attempts,
+            queue=job.queue,
+            cancel_requested=job.cancel_requested,
+            created_at=job.created_at,
+            started_at=job.started_at,
+            finished_at=job.finished_at,
+            updated_at=job.updated_at,
+            stop_reason=job.stop_reason,
+            failure=failure,
+            best_metrics=job.best_metrics,
+            final_metrics=job.final_metrics,
+            advice=job.advice or [],
+            spec=job.spec,
+            links=job_links(job.job_id),
+        )
+
+
+def job_links(job_id: str) -> JobLinks:
+    url = f"/v1/jobs/{job_id}"
+    parts = ("events", "metrics", "transitions", "cancel", "model", "spec")
+    return JobLinks(self_=url, **{part: f"{url}/{part}" for part in parts})
+
+
+class JobsPage(Public):
+    items: list[JobPublic]
+    next_cursor: str | None = Field(description="pass as `cursor` for the next page; null on the last page")
+
+
+class TransitionPublic(Public):
+    from_: JobStatus | None = Field(alias="from", description="null for the submission")
+    to: JobStatus
+    at: datetime
+    reason: str | None
+    attempt: int
+
+    @classmethod
+    def from_row(cls, row: JobTransition) -> TransitionPublic:
+        return cls(from_=row.from_status, to=row.to_status, at=row.at, reason=row.reason, attempt=row.attempt)
+
+
+# ------------------------------------------------------------------------------------------- metrics
+
+
+class MetricPoint(Public):
+    cursor: int = Field(description="id of the event the point comes from")
+    step: int = Field(description="optimizer steps taken when it was measured")
+    epoch: int
+    name: str = Field(description="e.g. val/loss, train/acc, test/acc, lr")
+    value: float | str | None = Field(description='a number, or "NaN", "Infinity", "-Infinity"')
+    at: datetime
+
+
+class MetricsPage(Public):
+    items: list[MetricPoint]
+    next_cursor: int | None = Field(description="more are stored: ask again at once with after=next_cursor")
+    last_cursor: int = Field(description="poll later with after=last_cursor (the last event read, or `after`)")
+
+
+def metric_points(event: JobEvent, names: set[str] | None) -> list[MetricPoint]:
+    """One point per numeric value of an epoch_end or test event, restricted to `names` when given."""
+    return [
+        MetricPoint(
+            cursor=event.job_event_id, step=event.step, epoch=event.epoch, name=name, value=value, at=event.created_at
+        )
+        for name, value in event.data.items()
+        if (names is None or name in names) and _is_metric(value)
+    ]
+
+
+def _is_metric(value: Any) -> bool:
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int | float) or value in ("NaN", "Infinity", "-Infinity")
+
+
+# ------------------------------------------------------------------------------------------ datasets
+
+
+class DatasetDescription(Public):
+    model_config = ConfigDict(extra="allow")
+
+    shape: list[int] = Field(description="shape of one example: [F] vectors, [C, L] signals, [C, H, W] images")
+    kind: Literal["vector", "signal", "image"]
+    n_examples: int
+    n_classes: int
+    classes: list[str]
+    has_test_split: bool = False
+    label_column: str | None = None
+
+
+class DatasetPublic(Public):
+    id: str = Field(description="use it as data.dataset in a job spec")
+    name: str
+    filename: str
+    size_bytes: int
+    description: DatasetDescription
+    created_at: datetime
+
+    @classmethod
+    def from_row(cls, row: Dataset) -> DatasetPublic:
+        return cls(
+            id=row.dataset_id,
+            name=row.name,
+            filename=row.filename,
+            size_bytes=row.size_bytes,
+            description=DatasetDescription.model_validate(row.description),
+            created_at=row.created_at,
+        )
+
+
+class DatasetsPage(Public):
+    items: list[DatasetPublic]
+    next_cursor: str | None
+
+
+# --------------------------------------------------------------------------------------------- specs
+
+
+class SpecValidation(Public):
+    valid: bool = True
+    spec: dict[str, Any] = Field(description="the resolved spec: every default filled in")
+    advice: list[AdvicePublic]
+    parameter_count: int = Field(description="parameters of the model built for the dataset's inputs")
+    input_shape: list[int]
+    n_classes: int
+    queue: str
+
+
+# -------------------------------------------------------------------------------------------- health
+
+
+class Health(Public):
+    status: Literal["ok"] = "ok"
+
+
+class Readiness(Public):
+    status: Literal["ready"] = "ready"
+    checks: dict[str, str] = Field(description="database and broker: ok")

@@ -1,0 +1,48 @@
+"""Small factories for API tests: specs, and a stand-in worker that drives a job through core.jobs."""
+
+from __future__ import annotations
+
+import io
+from typing import Any
+
+import numpy as np
+from sqlalchemy.orm import Session, sessionmaker
+
+from core import jobs
+
+Sessions = sessionmaker[Session]
+
+
+def make_spec(**overrides: Any) -> dict[str, Any]:
+    """A small valid spec (as a client sends it); top-level keys are replaced by `overrides`."""
+    return {"name": "digits-mlp", "model": {"arch": "mlp", "layers": [16]}, "train": {"epochs": 3}, **overrides}
+
+
+def claim(sessions: Sessions, job_id: str) -> int:
+    """Start the job as a worker would; returns the attempt (the fencing token)."""
+    with sessions() as s:
+        claimed = jobs.claim_job(session=s, job_id=job_id, worker_id="test-worker", lease_s=60)
+    assert claimed is not None
+    return claimed.attempt
+
+
+def epoch_event(epoch: int, steps_per_epoch: int = 10, **data: Any) -> dict[str, Any]:
+    values = {"train/loss": 1.0 / epoch, "val/loss": 1.5 / epoch, "val/acc": 0.5 + epoch / 100, "lr": 0.001}
+    return {"kind": "epoch_end", "step": epoch * steps_per_epoch, "epoch": epoch, "data": {**values, **data}}
+
+
+def record(sessions: Sessions, job_id: str, attempt: int, events: list[dict[str, Any]]) -> None:
+    with sessions() as s:
+        assert jobs.record_events(session=s, job_id=job_id, attempt=attempt, events=events)
+
+
+def finish(sessions: Sessions, job_id: str, attempt: int, status: str = "succeeded", **kwargs: Any) -> None:
+    with sessions() as s:
+        assert jobs.finish_job(session=s, job_id=job_id, attempt=attempt, status=status, **kwargs)
+
+
+def npz_bytes(n: int = 60, features: int = 6, classes: int = 3, **extra: np.ndarray) -> bytes:
+    rng = np.random.default_rng(0)
+    buf = io.BytesIO()
+    np.savez(buf, x=rng.normal(size=(n, features)).astype(np.float32), y=np.arange(n) % classes, **extra)
+    return buf.getvalue()
