@@ -1,0 +1,128 @@
+"""Turning a submitted spec into a stored job: the rules POST /v1/jobs and the `trickserve.submit_job` task share."""
+
+from __future__ import annotations
+
+from dataclasses import asdict
+from typing import Any
+
+from pydantic import ValidationError
+from sqlalchemy import func, select
+from sqlalchemy.orm import Session
+
+from core import jobs
+from core.models import Dataset, Job, JobStatus
+from core.spec import JobSpec, spec_errors
+
+CPU_QUEUE, GPU_QUEUE = "cpu", "gpu"
+ACTIVE_STATUSES = (JobStatus.queued, JobStatus.running, JobStatus.cancelling)
+
+
+class SubmitError(Exception):
+    """A submission the service refuses; `code` is machine-readable, the message is for people."""
+
+    code = "submit_error"
+
+
+class InvalidSpec(SubmitError):
+    """The spec is not valid, or names something that does not exist; `errors` lists every problem with its path."""
+
+    code = "invalid_spec"
+
+    def __init__(self, errors: list[dict[str, Any]]):
+        super().__init__("; ".join(f"{e['path']}: {e['message']}" for e in errors))
+        self.errors = errors
+
+
+class TooManyActiveJobs(SubmitError):
+    code = "too_many_active_jobs"
+
+    def __init__(self, limit: int):
+        super().__init__(f"a tenant may have at most {limit} queued or running jobs")
+        self.limit = limit
+
+
+def submit_spec(
+    *,
+    session: Session,
+    tenant_id: str,
+    spec_dict: dict[str, Any],
+    idempotency_key: str | None = None,
+    max_active_jobs: int | None = None,
+) -> Job:
+    """Validate a spec, resolve what it refers to, and store it as a queued job with its advice (committed).
+    The caller enqueues the job after this returns. Raises InvalidSpec, TooManyActiveJobs, or
+    core.jobs.IdempotencyConflict (same key, different request); the same key and request returns the first job."""
+    spec = parse_spec(spec_dict)
+    try:
+        check_references(session, tenant_id, spec)
+        if max_active_jobs is not None:
+            _check_active_limit(session, tenant_id, idempotency_key, max_active_jobs)
+    except SubmitError:
+        session.rollback()  # end the read transaction now: on SQLite it holds the write lock
+        raise
+    from core.engine.advice import advise  # the engine imports torch: only when a job is really submitted
+
+    advice = [asdict(a) for a in advise(spec)]
+    return jobs.create_job(
+        session=session,
+        tenant_id=tenant_id,
+        spec=spec,
+        advice=advice,
+        idempotency_key=idempotency_key,
+        queue=queue_for(spec),
+    )
+
+
+def parse_spec(spec_dict: dict[str, Any]) -> JobSpec:
+    """The validated spec, with the service's own rules: no local paths (they name files on the server)."""
+    try:
+        spec = JobSpec.model_validate(spec_dict)
+    except ValidationError as exc:
+        raise InvalidSpec(spec_errors(exc)) from None
+    errors = []
+    if not spec.data.dataset.startswith(("builtin:", "ds_")):
+        errors.append(_error("data.dataset", "local files are for the command line; upload them as a dataset"))
+    if spec.transfer is not None and spec.transfer.from_path is not None:
+        errors.append(_error("transfer.from_path", "local files are for the command line; use transfer.from_job"))
+    if errors:
+        raise InvalidSpec(errors)
+    return spec
+
+
+def check_references(session: Session, tenant_id: str, spec: JobSpec) -> None:
+    """Raise InvalidSpec unless the tenant's uploaded dataset and transfer source job exist and can be used."""
+    errors = []
+    if spec.data.dataset.startswith("ds_"):
+        query = select(Dataset.dataset_id).where(
+            Dataset.dataset_id == spec.data.dataset, Dataset.tenant_id == tenant_id
+        )
+        if session.scalar(query) is None:
+            errors.append(_error("data.dataset", f"no dataset {spec.data.dataset}"))
+    if spec.transfer is not None and spec.transfer.from_job is not None:
+        source = jobs.get_job(session, tenant_id, spec.transfer.from_job)
+        if source is None:
+            errors.append(_error("transfer.from_job", f"no job {spec.transfer.from_job}"))
+        elif source.model_path is None:
+            message = f"job {source.job_id} has no trained model (it is {source.status})"
+            errors.append(_error("transfer.from_job", message))
+    if errors:
+        raise InvalidSpec(errors)
+
+
+def queue_for(spec: JobSpec) -> str:
+    """The broker queue of a job: `gpu` when the spec asks for CUDA; `auto` runs on whatever the worker has."""
+    return GPU_QUEUE if spec.resources.device.startswith("cuda") else CPU_QUEUE
+
+
+def _check_active_limit(session: Session, tenant_id: str, idempotency_key: str | None, limit: int) -> None:
+    if idempotency_key is not None:
+        replay = select(Job.job_id).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key)
+        if session.scalar(replay) is not None:
+            return  # a replay creates nothing, so it is never over the limit
+    query = select(func.count()).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES))
+    if (session.scalar(query) or 0) >= limit:
+        raise TooManyActiveJobs(limit)
+
+
+def _error(path: str, message: str) -> dict[str, Any]:
+    return {"path": path, "message": message, "type": "value_error"}
