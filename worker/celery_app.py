@@ -1,0 +1,169 @@
+"""The one Celery app (configured from Settings), the `enqueue` helper the API calls, and the worker's signals.
+
+Reliability rests on the database, not on the broker (DESIGN.md): a message only wakes a worker up, the job row
+says what to do, and the reaper re-sends whatever a lost or duplicated message would have dropped. Choices:
+
+- `task_acks_late` + `worker_prefetch_multiplier=1`: a worker reserves only the job it runs, so a queued job never
+  waits behind a long one inside a busy worker while another worker idles.
+- `task_reject_on_worker_lost=False`: when the process running a job dies (OOM killer, segfault) the message is
+  acked, not requeued. Requeueing has no redelivery cap and loops on a job that always crashes; instead the lease
+  expires, the reaper re-queues the job from its checkpoint and counts the attempt against `max_attempts`.
+- Redis `visibility_timeout` is long (a day): a job outliving it would be redelivered while still running; that
+  duplicate is harmless (the claim is a compare-and-set and drops it) but pointless. Recovery does not wait for
+  it either: the lease and the outbox sweep re-send a lost job after `lease_s` / `redispatch_after_s`.
+- Pool: prefork with one process (`-c 1`) and `worker_max_tasks_per_child=1`, in production and embedded mode
+  alike. Every job gets a fresh child process, which returns its memory and CUDA context to the system; a job
+  that crashes its process takes only that child down; the parent never touches CUDA, so forking stays safe.
+  Scale out with more worker processes (one per GPU), not with `-c`.
+- Queues: `cpu` and `gpu` carry `run_job` (sent explicitly by `enqueue`); Celery's default queue `celery` carries
+  `submit_job` and `reap`, so another service can submit with a bare `send_task`. Every worker consumes `celery`
+  besides its -Q queues (default `cpu`); GPU workers run with `-Q gpu` (or `cpu,gpu`). A submission waits while a
+  worker's only process trains, so keep one worker free or run a small `-Q celery` worker for submissions.
+"""
+
+from __future__ import annotations
+
+import logging
+import os
+import threading
+from pathlib import Path
+from typing import Any
+
+from celery import Celery, signals
+from kombu import Queue
+from kombu.utils.url import maybe_sanitize_url
+
+from core.config import Settings, get_settings
+
+log = logging.getLogger(__name__)
+
+SUBMIT_QUEUE = "celery"  # Celery's default queue: what a bare send_task from another service publishes to
+RUN_TASK, SUBMIT_TASK, REAP_TASK = "trickserve.run_job", "trickserve.submit_job", "trickserve.reap"
+VISIBILITY_TIMEOUT_S = 24 * 3600
+FILESYSTEM_POLL_S = 0.1  # the filesystem broker polls its folder; its default (1 s) adds a second per message
+CONNECT_TIMEOUT_S = 1.0
+SOCKET_TIMEOUT_S = 5.0  # above kombu's 1 s BRPOP wait, so that an idle worker's poll never times out
+# Publishing gives up within a few seconds: the API must answer, and the outbox sends the job later anyway.
+PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.0, "interval_step": 0.25, "interval_max": 0.5}
+
+
+class BrokerUnavailable(RuntimeError):
+    """The broker could not be reached; the job stays queued in the database and the reaper sends it later."""
+
+
+def transport_options(settings: Settings) -> dict[str, Any]:
+    """broker_transport_options for the configured broker (folders of the filesystem broker exist afterwards)."""
+    if settings.broker_url.startswith("filesystem://"):
+        options = {
+            **settings.broker_transport_options,
+            "control_folder": str(settings.broker_dir / "control"),  # its default is relative to the cwd
+            "polling_interval": FILESYSTEM_POLL_S,
+        }
+        for key in ("data_folder_in", "data_folder_out", "processed_folder", "control_folder"):
+            Path(options[key]).mkdir(parents=True, exist_ok=True)
+        return options
+    if settings.broker_url.startswith(("redis://", "rediss://")):
+        # Both timeouts: a Redis that accepts connections but never answers would otherwise hang a publisher.
+        return {
+            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+            "socket_connect_timeout": CONNECT_TIMEOUT_S,
+            "socket_timeout": SOCKET_TIMEOUT_S,
+        }
+    return {}
+
+
+def create_app(settings: Settings) -> Celery:
+    """A Celery app configured from `settings`."""
+    # Tasks are imported by the worker only: a process that just enqueues (the API) does not load the engine.
+    app = Celery("trickserve", set_as_current=False, include=["worker.tasks"])
+    app.conf.update(
+        broker_url=settings.broker_url,
+        broker_transport_options=transport_options(settings),
+        broker_connection_retry_on_startup=True,
+        broker_connection_timeout=CONNECT_TIMEOUT_S,
+        visibility_timeout=VISIBILITY_TIMEOUT_S,  # Celery reads it here as well as in the transport options
+        result_backend=None,
+        task_ignore_result=True,
+        task_serializer="json",
+        accept_content=["json"],
+        task_acks_late=True,
+        task_reject_on_worker_lost=False,
+        task_publish_retry=True,
+        task_publish_retry_policy=PUBLISH_RETRY,
+        task_default_queue=SUBMIT_QUEUE,
+        task_queues=[Queue(SUBMIT_QUEUE), Queue("cpu")],  # what a worker consumes without -Q
+        task_routes={RUN_TASK: {"queue": "cpu"}},
+        worker_prefetch_multiplier=1,
+        worker_concurrency=1,
+        worker_pool="prefork",
+        worker_max_tasks_per_child=1,
+        # With acks_late a connection blip would otherwise make Celery cancel the running training job; the
+        # redelivered message is dropped by the claim instead, and the job keeps running.
+        worker_cancel_long_running_tasks_on_connection_loss=False,
+    )
+    return app
+
+
+app = create_app(get_settings())
+
+
+def enqueue(job_id: str, queue: str) -> None:
+    """Send `run_job(job_id)` to `queue` and mark the job dispatched. Call it after the job's row is committed.
+    Raises BrokerUnavailable after a few seconds when the broker cannot be reached (the job is safe: still queued
+    and undispatched, so the reaper's outbox sweep sends it once the broker is back)."""
+    send_run_job(job_id, queue)
+    from core import jobs
+    from core.db import session_scope
+
+    with session_scope() as session:
+        jobs.mark_dispatched(session=session, job_ids=job_id)
+
+
+def send_run_job(job_id: str, queue: str) -> None:
+    """Publish one `run_job` message; raises BrokerUnavailable."""
+    try:
+        app.send_task(RUN_TASK, args=[job_id], queue=queue)
+    except Exception as exc:  # kombu raises OperationalError, redis and OS errors alike for an absent broker
+        url = maybe_sanitize_url(app.conf.broker_url)
+        raise BrokerUnavailable(f"cannot send job {job_id} to the broker at {url}: {exc}") from exc
+
+
+# ------------------------------------------------------------------------------------------- signals
+
+_reaper_stop = threading.Event()
+
+
+@signals.celeryd_after_setup.connect
+def _always_consume_submissions(instance: Any, **_: Any) -> None:
+    # Whatever -Q says (`-Q gpu`, `-Q cpu,gpu`), every worker also takes submissions: a bare send_task from another
+    # service must find a consumer.
+    instance.app.amqp.queues.select_add(SUBMIT_QUEUE)
+
+
+@signals.worker_ready.connect
+def _start_reaper(**_: Any) -> None:
+    # In the worker's main process: every worker node sweeps, so the embedded mode needs no beat process; the
+    # sweep is safe to run concurrently because every change in it is a compare-and-set in the database.
+    from worker.reaper import reaper_loop
+
+    _reaper_stop.clear()
+    thread = threading.Thread(
+        target=reaper_loop, args=(get_settings(), _reaper_stop), name="trickserve-reaper", daemon=True
+    )
+    thread.start()
+
+
+@signals.worker_shutdown.connect
+def _stop_reaper(**_: Any) -> None:
+    _reaper_stop.set()
+
+
+@signals.worker_process_init.connect
+def _forget_parent_connections(**_: Any) -> None:
+    # A forked child must not use the database connections of its parent (two processes on one socket); close=False
+    # leaves them open for the parent and gives the child a fresh pool.
+    from core import db
+
+    if db.get_engine.cache_info().currsize:
+        db.get_engine().dispose(close=False)
+    log.debug("worker child %s ready", os.getpid())

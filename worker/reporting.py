@@ -1,0 +1,89 @@
+"""The engine callback that stores a running attempt's events and checkpoint pointers in the database, fenced."""
+
+from __future__ import annotations
+
+import logging
+import threading
+import time
+from pathlib import Path
+
+from sqlalchemy.exc import OperationalError
+
+from core import jobs
+from core.db import session_scope
+from core.engine.callbacks import Callback, Event, RunContext
+from core.notify import publish
+
+log = logging.getLogger(__name__)
+FLUSH_INTERVAL_S = 0.5  # progress events wait at most this long; anything else is stored at once
+
+
+class Fenced(Exception):
+    """This attempt no longer holds the job (its lease was lost; another attempt may run): stop, write nothing."""
+
+
+class DBReporter(Callback):
+    """Buffers engine events and stores them in batches through core.jobs.record_events (fenced by attempt), then
+    wakes up live streams. Raising Fenced from a hook stops the training loop at once, before it writes more."""
+
+    def __init__(self, *, job_id: str, attempt: int, redis_url: str | None, flush_interval_s: float = FLUSH_INTERVAL_S):
+        self.job_id, self.attempt, self.redis_url = job_id, attempt, redis_url
+        self.flush_interval_s = flush_interval_s
+        self.fenced = threading.Event()  # set by a failed write, or by the heartbeat thread when the lease is lost
+        self._buffer: list[Event] = []
+        self._last_flush = time.monotonic()
+
+    def on_event(self, ctx: RunContext, event: Event) -> None:
+        self.add(event)
+
+    def add(self, event: Event) -> None:
+        """Buffer an event; store the buffer now unless it is progress that arrived soon after the last batch."""
+        self.check()
+        self._buffer.append(event)
+        if event.kind != "progress" or time.monotonic() - self._last_flush >= self.flush_interval_s:
+            self.flush()
+
+    def on_step_end(self, ctx: RunContext) -> None:
+        self.check()
+
+    def on_checkpoint(self, ctx: RunContext, path: str) -> None:
+        self.check()
+        size = Path(path).stat().st_size
+        try:
+            with session_scope() as session:
+                ok = jobs.set_checkpoint(
+                    session=session, job_id=self.job_id, attempt=self.attempt, path=path, step=ctx.step, size_bytes=size
+                )
+        except OperationalError as exc:  # the database is away: the next checkpoint moves the pointer
+            log.warning("job %s: checkpoint pointer not stored: %s", self.job_id, exc)
+            return
+        if not ok:
+            self.fence()
+
+    def on_train_end(self, ctx: RunContext) -> None:
+        self.flush()
+
+    def flush(self) -> None:
+        """Store the buffered events; they stay buffered (for the next flush) while the database is away."""
+        if not self._buffer:
+            return
+        try:
+            with session_scope() as session:
+                ok = jobs.record_events(session=session, job_id=self.job_id, attempt=self.attempt, events=self._buffer)
+        except OperationalError as exc:
+            log.warning("job %s: %d events kept for the next flush: %s", self.job_id, len(self._buffer), exc)
+            return
+        self._last_flush = time.monotonic()
+        if not ok:
+            self.fence()
+        self._buffer.clear()
+        publish(self.redis_url, self.job_id)
+
+    def check(self) -> None:
+        """Raise Fenced once the attempt has lost the job."""
+        if self.fenced.is_set():
+            raise Fenced(f"job {self.job_id}: attempt {self.attempt} lost its lease")
+
+    def fence(self) -> None:
+        self.fenced.set()
+        self.check()

@@ -1,0 +1,228 @@
+"""One attempt of a job: claim it, train it with the engine under a heartbeat, and store the outcome, all fenced."""
+
+from __future__ import annotations
+
+import logging
+import threading
+from collections.abc import Callable
+from dataclasses import dataclass
+from pathlib import Path
+from typing import Any
+
+import torch
+from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
+
+from core import jobs
+from core.config import Settings
+from core.db import session_scope
+from core.engine.callbacks import Event, StopFlag
+from core.models import Dataset, FailureClass, Job, JobStatus
+from core.notify import publish
+from core.spec import JobSpec, SpecError, spec_errors
+from worker.reporting import DBReporter, Fenced
+
+log = logging.getLogger(__name__)
+MAX_MESSAGE = 500
+
+
+@dataclass
+class Outcome:
+    """How an attempt ended, as core.jobs.finish_job takes it."""
+
+    status: JobStatus
+    stop_reason: str | None = None
+    failure_class: FailureClass | None = None
+    failure_message: str | None = None
+    final_metrics: dict[str, Any] | None = None
+    best_metrics: dict[str, Any] | None = None
+    model_path: str | None = None
+
+
+def run_job(job_id: str, *, worker_id: str, settings: Settings) -> str:
+    """Run the next attempt of a queued job. Returns the terminal status it ended with, "dropped" when there was
+    nothing to claim (a duplicate or stale message), or "fenced" when the attempt lost its lease and stopped
+    without writing anything more. The database is core.db's (the process settings')."""
+    with session_scope() as session:
+        claim = jobs.claim_job(session=session, job_id=job_id, worker_id=worker_id, lease_s=settings.lease_s)
+    if claim is None:
+        log.info("job %s: not claimable (taken, finished or cancelled); message dropped", job_id)
+        return "dropped"
+    log.info("job %s: attempt %d claimed by %s", job_id, claim.attempt, worker_id)
+    publish(settings.redis_url, job_id)
+    reporter = DBReporter(job_id=job_id, attempt=claim.attempt, redis_url=settings.redis_url)
+    cancel = StopFlag("cancelled")
+    try:
+        with Heartbeat(claim, settings, on_cancel=cancel.set, on_lost=reporter.fenced.set):
+            outcome = _attempt(claim, settings, reporter, cancel)
+            reporter.flush()  # the last events (the test metrics come after on_train_end)
+            _finish(claim, outcome)
+    except Fenced:
+        log.warning("job %s: attempt %d was fenced out; it stopped and wrote nothing more", job_id, claim.attempt)
+        return "fenced"
+    publish(settings.redis_url, job_id)
+    log.info("job %s: attempt %d ended %s", job_id, claim.attempt, outcome.status)
+    return str(outcome.status)
+
+
+def _attempt(claim: jobs.Claim, settings: Settings, reporter: DBReporter, cancel: StopFlag) -> Outcome:
+    """Train; every error but Fenced and an unreachable database becomes a failed Outcome with a class and a
+    one-line message."""
+    from core.engine import train  # the trainer pulls in the data loaders: imported when a job runs
+
+    try:
+        spec = JobSpec.model_validate(claim.spec)
+        data_path, transfer_from = _resolve_inputs(claim.job_id, spec, settings)
+        _check_device(spec)
+        result = train(
+            spec,
+            [reporter, cancel],
+            resume_from=_resume_from(claim, reporter),
+            out_dir=attempt_dir(settings, claim.job_id, claim.attempt),
+            data_path=data_path,
+            transfer_from=transfer_from,
+        )
+    except (Fenced, OperationalError):
+        # The database being away is no fault of the job: the lease runs out and the reaper retries the attempt.
+        raise
+    except Exception as exc:  # noqa: BLE001 - the job records why it failed; the worker carries on
+        return failure(exc, claim.job_id)
+    return outcome_of(result, spec)
+
+
+def attempt_dir(settings: Settings, job_id: str, attempt: int) -> Path:
+    """Where an attempt writes its checkpoint and model. One folder per attempt: an attempt that lost its lease
+    but has not noticed yet can only overwrite its own files, never those the current attempt resumes from."""
+    return settings.artifact_dir / job_id / f"attempt-{attempt}"
+
+
+def _resolve_inputs(job_id: str, spec: JobSpec, settings: Settings) -> tuple[str | None, str | None]:
+    """The uploaded dataset file and the transfer source's model file the spec names, checked to be the tenant's."""
+    if not spec.data.dataset.startswith(("builtin:", "ds_")):
+        raise SpecError("data.dataset", "local files are for the command line; upload them as a dataset")
+    if spec.transfer is not None and spec.transfer.from_path is not None:
+        raise SpecError("transfer.from_path", "local files are for the command line; use transfer.from_job")
+    data_path = transfer_from = None
+    with session_scope(read_only=True) as session:
+        tenant_id = session.get_one(Job, job_id).tenant_id
+        if spec.data.dataset.startswith("ds_"):
+            dataset = session.get(Dataset, spec.data.dataset)
+            if dataset is None or dataset.tenant_id != tenant_id:
+                raise SpecError("data.dataset", f"no dataset {spec.data.dataset}")
+            data_path = str(settings.dataset_dir / dataset.path)  # an absolute path stays as it is
+        if spec.transfer is not None and spec.transfer.from_job is not None:
+            source = jobs.get_job(session, tenant_id, spec.transfer.from_job)
+            if source is None or source.model_path is None:
+                raise SpecError("transfer.from_job", f"no trained model of job {spec.transfer.from_job}")
+            transfer_from = source.model_path
+    return data_path, transfer_from
+
+
+def _check_device(spec: JobSpec) -> None:
+    if spec.resources.device.startswith("cuda") and not torch.cuda.is_available():
+        raise RuntimeError("the spec asks for CUDA but this worker has no GPU; run a worker on the gpu queue")
+
+
+def _resume_from(claim: jobs.Claim, reporter: DBReporter) -> str | None:
+    """The checkpoint a re-queued job continues from; None (start over, with a warning) when its file is gone."""
+    if claim.checkpoint_path is None:
+        return None
+    if Path(claim.checkpoint_path).is_file():
+        return claim.checkpoint_path
+    message = f"checkpoint {claim.checkpoint_path} is missing; training starts over"
+    reporter.add(Event("warning", 0, 0, {"message": message}))
+    return None
+
+
+def outcome_of(result: Any, spec: JobSpec) -> Outcome:
+    """The Outcome of a finished engine run (core.engine.RunResult)."""
+    best = result.history[result.best_epoch - 1] if result.best_epoch and result.history else None
+    outcome = Outcome(
+        status=JobStatus(result.status),
+        stop_reason=result.stop_reason,
+        final_metrics=result.metrics,
+        best_metrics=best,
+        model_path=result.model_path,
+    )
+    if result.stop_reason == "diverged":
+        outcome.failure_class, outcome.failure_message = FailureClass.diverged, "training loss is not finite"
+        outcome.model_path = None  # its weights are not finite either
+    elif result.stop_reason == "timeout":
+        outcome.failure_class = FailureClass.timeout
+        outcome.failure_message = f"stopped after its time budget of {spec.resources.max_runtime_s:g} s"
+    return outcome
+
+
+def failure(exc: BaseException, job_id: str) -> Outcome:
+    """A failed Outcome for an exception: a class and a one-line message, never a traceback."""
+    if isinstance(exc, SpecError):
+        return _failed(FailureClass.invalid_spec, str(exc))
+    if isinstance(exc, ValidationError):
+        problems = "; ".join(f"{e['path']}: {e['message']}" for e in spec_errors(exc))
+        return _failed(FailureClass.invalid_spec, problems)
+    if isinstance(exc, torch.OutOfMemoryError | MemoryError):
+        return _failed(FailureClass.out_of_memory, f"out of memory: {_first_line(exc)}")
+    log.exception("job %s: internal error", job_id)  # the traceback goes to the worker's log only
+    return _failed(FailureClass.internal, f"{type(exc).__name__}: {_first_line(exc)}")
+
+
+def _failed(failure_class: FailureClass, message: str) -> Outcome:
+    return Outcome(JobStatus.failed, failure_class=failure_class, failure_message=message[:MAX_MESSAGE])
+
+
+def _first_line(exc: BaseException) -> str:
+    text = str(exc).strip()
+    return text.splitlines()[0] if text else "(no message)"
+
+
+def _finish(claim: jobs.Claim, outcome: Outcome) -> None:
+    with session_scope() as session:
+        finished = jobs.finish_job(
+            session=session,
+            job_id=claim.job_id,
+            attempt=claim.attempt,
+            status=outcome.status,
+            stop_reason=outcome.stop_reason,
+            failure_class=outcome.failure_class,
+            failure_message=outcome.failure_message,
+            final_metrics=outcome.final_metrics,
+            best_metrics=outcome.best_metrics,
+            model_path=outcome.model_path,
+        )
+    if not finished:
+        raise Fenced(f"job {claim.job_id}: attempt {claim.attempt} lost the job before it could finish")
+
+
+class Heartbeat:
+    """A thread that renews the attempt's lease every heartbeat_s and reports a cancel request or a lost lease."""
+
+    def __init__(
+        self, claim: jobs.Claim, settings: Settings, *, on_cancel: Callable[[], None], on_lost: Callable[[], None]
+    ):
+        self.claim, self.settings = claim, settings
+        self.on_cancel, self.on_lost = on_cancel, on_lost
+        self._stop = threading.Event()
+        self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.job_id}", daemon=True)
+
+    def __enter__(self) -> Heartbeat:
+        self._thread.start()
+        return self
+
+    def __exit__(self, *_: object) -> None:
+        self._stop.set()
+        self._thread.join()
+
+    def _run(self) -> None:
+        job_id, attempt, lease_s = self.claim.job_id, self.claim.attempt, self.settings.lease_s
+        while not self._stop.wait(self.settings.heartbeat_s):
+            try:
+                with session_scope() as session:
+                    beat = jobs.heartbeat(session=session, job_id=job_id, attempt=attempt, lease_s=lease_s)
+            except Exception as exc:  # noqa: BLE001 - keep beating; if the lease runs out, the next beat says so
+                log.warning("job %s: heartbeat failed: %s", job_id, exc)
+                continue
+            if not beat.alive:
+                self.on_lost()
+                return
+            if beat.cancel_requested:
+                self.on_cancel()
