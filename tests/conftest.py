@@ -6,16 +6,21 @@ from __future__ import annotations
 import os
 import secrets
 import shutil
+import tempfile
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
 
-import pytest
-import sqlalchemy as sa
-from sqlalchemy.orm import Session, sessionmaker
+# Tests never write into the working copy's .trickserve: anything that reads settings before a test sets its own
+# home (e.g. importing the Celery app) gets a throw-away one.
+os.environ.setdefault("TRICKSERVE_HOME", tempfile.mkdtemp(prefix="trickserve-tests-"))
 
-from core.db import create_db_engine, init_db, make_sessionmaker
-from core.models import Base
+import pytest  # noqa: E402
+import sqlalchemy as sa  # noqa: E402
+from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
+
+from core.db import create_db_engine, init_db, make_sessionmaker  # noqa: E402
+from core.models import Base  # noqa: E402
 
 POSTGRES_ADMIN_URL = os.environ.get("TRICKSERVE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgresql"]
