@@ -135,7 +135,7 @@ def watch(job_id: str, name: str, epochs: int) -> int:
     with ProgressBar(name, epochs) as bar:
         for kind, event in stream_events(job_id):
             if kind == "status":
-                bar.progress.console.print(f"status: {event['data'].get('from')} -> {event['data'].get('to')}")
+                bar.progress.console.print(f"status: {event['data'].get('to')}")
             elif kind != "end":
                 bar.show(kind, event.get("epoch") or 0, event.get("data") or {})
     job = call("GET", f"/v1/jobs/{job_id}")
