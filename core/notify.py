@@ -61,6 +61,7 @@ class Waiter:
     async def _subscribe(self) -> None:
         import redis.asyncio as aioredis
 
+        assert self.redis_url is not None
         self._client = aioredis.Redis.from_url(self.redis_url, socket_connect_timeout=2)
         self._pubsub = self._client.pubsub()
         await self._pubsub.subscribe(channel(self.job_id))

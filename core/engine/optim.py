@@ -44,7 +44,8 @@ class Schedule:
         self.warmup = min(spec.warmup_epochs * steps_per_epoch, self.total - 1)
         for g in optimizer.param_groups:
             g.setdefault("base_lr", g["lr"])
-        self.plateau_factor, self.plateau_best, self.plateau_wait = 1.0, None, 0
+        self.plateau_factor, self.plateau_wait = 1.0, 0
+        self.plateau_best: float | None = None
         self.static = spec.name in ("constant", "plateau") and self.warmup == 0  # lr changes only at epoch ends
         self._apply(0)
 

@@ -7,7 +7,7 @@ import math
 import time
 from dataclasses import dataclass, field
 from pathlib import Path
-from typing import Any
+from typing import Any, cast
 
 import torch
 import torch.nn.functional as F
@@ -122,7 +122,7 @@ def _setup(spec, callbacks, device, out_dir, data_path, transfer_from) -> Run:
     model.to(dev)
     cuda = dev.type == "cuda"
     if cuda and model.conv2d:
-        model.to(memory_format=torch.channels_last)
+        model.to(memory_format=torch.channels_last)  # type: ignore[call-overload]
     groups = param_groups(model, spec.optim.lr, spec.transfer)
     optimizer = build_optimizer(groups, spec.optim)
     n = data.x_train.shape[0]
@@ -134,7 +134,7 @@ def _setup(spec, callbacks, device, out_dir, data_path, transfer_from) -> Run:
     if spec.train.early_stopping is not None:
         builtin.insert(0, EarlyStopping(spec.train.early_stopping))
     cbs = CallbackList([*builtin, *callbacks])
-    fwd = model if not (spec.resources.compile and cuda) else torch.compile(model)
+    fwd = model if not (spec.resources.compile and cuda) else cast(torch.nn.Module, torch.compile(model))
     ctx = RunContext(model=fwd, epochs=spec.train.epochs, steps_per_epoch=steps, sink=cbs)
     bf16 = cuda and spec.resources.precision != "fp32"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
@@ -208,7 +208,8 @@ def _diverged(run: Run) -> None:
         run.ctx.emit("diverged", {"message": "training loss is not finite"}, epoch=run.ctx.epoch + 1)
 
 
-def _epoch_logs(run: Run, t0: float) -> dict[str, float]:
+def _epoch_logs(run: Run, t0: float) -> dict[str, Any]:
+    assert run.train_sums is not None
     loss_sum, correct, n = run.train_sums.tolist()
     logs = {"epoch": run.ctx.epoch + 1, "train/loss": loss_sum / n, "train/acc": correct / n}
     if not math.isfinite(logs["train/loss"]):
