@@ -17,7 +17,7 @@ TERMINAL = ("succeeded", "early_stopped", "failed", "cancelled")
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add the service and client subcommands to the `trickserve` parser."""
-    from api import supervisor
+    from api import admin, supervisor
 
     p = sub.add_parser("up", help="run the API and workers on the embedded default (SQLite + filesystem broker)")
     p.add_argument("--host", default="127.0.0.1")
@@ -37,6 +37,7 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("migrate", help="upgrade the database schema to the latest version")
     p.set_defaults(func=supervisor.cmd_migrate)
+    admin.register(sub)
 
     p = sub.add_parser("submit", help="submit a spec to the service")
     p.add_argument("spec")

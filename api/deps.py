@@ -10,12 +10,11 @@ from pydantic import WithJsonSchema
 from sqlalchemy.orm import Session
 
 from api import dispatch
+from api.auth import current_tenant
 from api.errors import ApiError, problem
 from core import jobs
 from core.config import Settings
 from core.models import Job
-
-DEFAULT_TENANT = "default"
 
 
 def get_settings(request: Request) -> Settings:
@@ -42,13 +41,10 @@ SessionDep = Annotated[Session, Depends(read_session, scope="function")]
 WriteSessionDep = Annotated[Session, Depends(write_session, scope="function")]
 
 
-def current_tenant() -> str:
-    """The caller's tenant. Every request is the `default` tenant until authentication arrives; this is the one
-    place that decides it, so every query below filters by what it returns."""
-    return DEFAULT_TENANT
-
-
+# The caller's tenant, from its API key (401 without one); every query below filters by it.
 TenantDep = Annotated[str, Depends(current_tenant)]
+# Router-level: every route of a router carrying it answers 401 before anything else without a valid key.
+AUTHENTICATED = [Depends(current_tenant)]
 
 
 def caller_job(

@@ -38,9 +38,12 @@ STATUS_CODES = {
 class ApiError(Exception):
     """An error answer raised by route code: HTTP status, machine-readable code, a message for people, details."""
 
-    def __init__(self, status: int, code: str, message: str, details: Any = None):
+    def __init__(
+        self, status: int, code: str, message: str, details: Any = None, headers: dict[str, str] | None = None
+    ):
         super().__init__(message)
         self.status, self.code, self.message, self.details = status, code, message, details
+        self.headers = headers
 
 
 def error_response(
@@ -64,8 +67,17 @@ def _invalid_spec(details: list[dict[str, Any]]) -> JSONResponse:
     return error_response(422, "invalid_spec", message + (" ..." if n > 3 else ""), details)
 
 
+def too_many(code: str, message: str, retry_after_s: int) -> ApiError:
+    """A 429 that says when to try again."""
+    return ApiError(429, code, message, headers={"Retry-After": str(retry_after_s)})
+
+
 async def _api_error(request: Request, exc: ApiError) -> JSONResponse:
-    return error_response(exc.status, exc.code, exc.message, exc.details)
+    return error_response(exc.status, exc.code, exc.message, exc.details, exc.headers)
+
+
+async def _too_many_jobs(request: Request, exc: TooManyActiveJobs) -> JSONResponse:
+    return await _api_error(request, too_many(exc.code, str(exc), request.app.state.settings.retry_after_s))
 
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
@@ -117,7 +129,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(ValidationError, _validation_error)
     app.add_exception_handler(SpecError, _spec_error)
     app.add_exception_handler(InvalidSpec, _submit_invalid)
-    app.add_exception_handler(TooManyActiveJobs, _simple(429, "too_many_active_jobs"))
+    app.add_exception_handler(TooManyActiveJobs, _too_many_jobs)
     app.add_exception_handler(IllegalTransition, _simple(409, "illegal_transition"))
     app.add_exception_handler(IdempotencyConflict, _simple(422, "idempotency_key_reused"))
     app.add_exception_handler(JobNotFound, _simple(404, "not_found", lambda exc: f"no job {exc}"))

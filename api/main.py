@@ -10,18 +10,19 @@ from fastapi import FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import DEFAULT_TENANT
 from api.errors import install_error_handlers
 from api.limits import BodyLimitMiddleware
 from api.monitoring import LatencyMiddleware, Monitoring
 from api.routes import include_routers, upload_limits
 from api.streaming import StreamSlots
-from core import jobs
 from core.config import Settings, get_settings
 from core.db import create_db_engine, make_sessionmaker
 from core.spec import JobSpec
 
 DESCRIPTION = """Submit deep-learning training jobs as specs, follow their metrics live, download the trained model.
+
+Every request but /healthz, /readyz and /metrics carries an API key, `Authorization: Bearer tsk_...`, which names
+the caller's tenant; another tenant's jobs and datasets answer 404.
 
 Every error is JSON `{"error": {"code", "message", "details"}}`; a bad spec gets 422 `invalid_spec` listing
 every problem with its dotted path (`optim.lr`)."""
@@ -41,7 +42,7 @@ def create_app(settings: Settings | None = None) -> FastAPI:
     app.state.engine = engine
     app.state.sessions = make_sessionmaker(engine)
     app.state.read_sessions = make_sessionmaker(engine, read_only=True)
-    app.state.stream_slots = StreamSlots(settings.sse_max_connections_per_tenant)
+    app.state.stream_slots = StreamSlots(settings.sse_max_connections_per_tenant, settings.retry_after_s)
     app.state.monitoring = Monitoring(app.state.read_sessions)
     app.add_middleware(BodyLimitMiddleware, default=settings.max_body_kb * 1024, per_path=upload_limits(settings))
     app.add_middleware(LatencyMiddleware, monitoring=app.state.monitoring)
@@ -55,14 +56,8 @@ def create_app(settings: Settings | None = None) -> FastAPI:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     await run_in_threadpool(settings.ensure_dirs)
-    await run_in_threadpool(_ensure_default_tenant, app)
     yield
     app.state.engine.dispose()
-
-
-def _ensure_default_tenant(app: FastAPI) -> None:
-    with app.state.sessions() as session:
-        jobs.ensure_tenant(session=session, tenant_id=DEFAULT_TENANT)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

@@ -28,7 +28,12 @@ class ErrorBody(Public):
 
 ERRORS: dict[int | str, dict[str, Any]] = {
     status: {"model": ErrorBody, "description": text}
-    for status, text in [(404, "Not found"), (422, "Invalid request or spec"), (500, "Internal error")]
+    for status, text in [
+        (401, "Missing, unknown or revoked API key"),
+        (404, "Not found"),
+        (422, "Invalid request or spec"),
+        (500, "Internal error"),
+    ]
 }
 
 
@@ -223,3 +228,31 @@ class Health(Public):
 class Readiness(Public):
     status: Literal["ready"] = "ready"
     checks: dict[str, str] = Field(description="database and broker: ok")
+
+
+# -------------------------------------------------------------------------------------------- quotas
+
+
+class QuotaLimits(Public):
+    max_active_jobs: int = Field(description="queued + running jobs; more answers 429 with Retry-After")
+    max_open_streams: int = Field(description="open event streams (per API process); more answers 429")
+    max_epochs: int = Field(description="largest train.epochs")
+    max_runtime_s: float = Field(description="largest resources.max_runtime_s (s)")
+    max_dataset_examples: int = Field(description="most examples of an uploaded or synthetic dataset")
+    max_upload_bytes: int = Field(description="largest dataset file")
+    max_dataset_storage_bytes: int = Field(description="total size of the tenant's datasets")
+    max_body_bytes: int = Field(description="largest JSON request body")
+    max_page_size: int = Field(description="most items one page may hold")
+
+
+class QuotaUsage(Public):
+    active_jobs: int = Field(description="queued, running and cancelling jobs")
+    open_streams: int = Field(description="event streams open on the API process that answered")
+    datasets: int
+    dataset_bytes: int
+
+
+class QuotasPublic(Public):
+    tenant: str
+    limits: QuotaLimits
+    usage: QuotaUsage

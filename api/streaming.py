@@ -13,7 +13,7 @@ from sse_starlette import EventSourceResponse, ServerSentEvent
 from starlette.concurrency import run_in_threadpool
 from starlette.types import Receive, Scope, Send
 
-from api.errors import ApiError
+from api.errors import ApiError, too_many
 from core import jobs
 from core.models import Job, JobEvent
 from core.notify import Waiter
@@ -37,14 +37,15 @@ def event_cursor(value: str | None) -> int:
 class StreamSlots:
     """Open event streams per tenant in this process, capped: a slot is taken before a stream starts."""
 
-    def __init__(self, limit: int):
-        self.limit = limit
+    def __init__(self, limit: int, retry_after_s: int = 30):
+        self.limit, self.retry_after_s = limit, retry_after_s
         self.open: Counter[str] = Counter()
 
     def take(self, tenant_id: str) -> Callable[[], None]:
         """Take a slot (429 when none is left); returns the function that gives it back, safe to call twice."""
         if self.open[tenant_id] >= self.limit:
-            raise ApiError(429, "too_many_streams", f"at most {self.limit} open event streams per tenant")
+            message = f"at most {self.limit} open event streams per tenant"
+            raise too_many("too_many_streams", message, self.retry_after_s)
         self.open[tenant_id] += 1
         given_back = False
 

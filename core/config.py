@@ -57,6 +57,25 @@ class Settings(BaseSettings):
     sse_ping_s: float = Field(
         default=15.0, gt=0, le=300, description="keep-alive comment interval of event streams (s)"
     )
+    retry_after_s: int = Field(
+        default=30, ge=1, le=3600, description="Retry-After of a 429 for too many active jobs or open streams (s)"
+    )
+    max_epochs: int = Field(default=1000, ge=1, le=10000, description="largest train.epochs a job may ask for")
+    max_runtime_s: float = Field(
+        default=24 * 3600, gt=0, le=7 * 24 * 3600, description="largest resources.max_runtime_s a job may ask for (s)"
+    )
+    max_dataset_examples: int = Field(
+        default=1_000_000, ge=1, description="most examples an uploaded or synthetic dataset may hold (count)"
+    )
+    max_dataset_storage_mb: int = Field(
+        default=10_240, ge=1, description="total size of the uploaded datasets a tenant may keep (MiB)"
+    )
+    metrics_token: str | None = Field(
+        default=None,
+        min_length=16,
+        description="bearer token for GET /metrics (it shows every tenant's running jobs); when unset, /metrics "
+        "answers only clients on this machine (loopback), so set it when Prometheus scrapes from elsewhere",
+    )
 
     @field_validator("home")
     @classmethod

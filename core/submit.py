@@ -2,14 +2,17 @@
 
 from __future__ import annotations
 
-from dataclasses import asdict
+from collections.abc import Iterator
+from contextlib import contextmanager
+from dataclasses import asdict, dataclass
 from typing import Any
 
 from pydantic import ValidationError
-from sqlalchemy import func, select
+from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from core import jobs
+from core.config import Settings, get_settings
 from core.models import Dataset, Job, JobStatus
 from core.spec import JobSpec, spec_errors
 
@@ -41,18 +44,42 @@ class TooManyActiveJobs(SubmitError):
         self.limit = limit
 
 
-def submit_spec(
+@dataclass(frozen=True)
+class Caps:
+    """The most a spec may ask for (settings max_epochs, max_runtime_s, max_dataset_examples)."""
+
+    max_epochs: int
+    max_runtime_s: float
+    max_dataset_examples: int
+
+    @classmethod
+    def from_settings(cls, settings: Settings) -> Caps:
+        return cls(settings.max_epochs, settings.max_runtime_s, settings.max_dataset_examples)
+
+
+@dataclass(frozen=True)
+class Submission:
+    """A stored job, and whether this call created it (False: replayed for an earlier request's key)."""
+
+    job: Job
+    created: bool
+
+
+def submit(
     *,
     session: Session,
     tenant_id: str,
     spec_dict: dict[str, Any],
     idempotency_key: str | None = None,
     max_active_jobs: int | None = None,
-) -> Job:
-    """Validate a spec, resolve what it refers to, and store it as a queued job with its advice (committed).
-    The caller enqueues the job after this returns. Raises InvalidSpec, TooManyActiveJobs, or
-    core.jobs.IdempotencyConflict (same key, different request); the same key and request returns the first job."""
+    caps: Caps | None = None,
+) -> Submission:
+    """Validate a spec against `caps` (default: the process settings'), resolve what it refers to, and store it as
+    a queued job with its advice (committed). The caller enqueues the job after this returns, only if it was
+    created: a replay is never sent twice. Raises InvalidSpec, TooManyActiveJobs, or core.jobs.IdempotencyConflict
+    (same key, different request); the same key and request returns the first job."""
     spec = parse_spec(spec_dict)
+    check_caps(spec, caps or Caps.from_settings(get_settings()))
     try:
         check_references(session, tenant_id, spec)
         if max_active_jobs is not None:
@@ -63,14 +90,21 @@ def submit_spec(
     from core.engine.advice import advise  # the engine imports torch: only when a job is really submitted
 
     advice = [asdict(a) for a in advise(spec)]
-    return jobs.create_job(
-        session=session,
-        tenant_id=tenant_id,
-        spec=spec,
-        advice=advice,
-        idempotency_key=idempotency_key,
-        queue=queue_for(spec),
-    )
+    with _inserted_jobs(session) as inserted:
+        job = jobs.create_job(
+            session=session,
+            tenant_id=tenant_id,
+            spec=spec,
+            advice=advice,
+            idempotency_key=idempotency_key,
+            queue=queue_for(spec),
+        )
+    return Submission(job, created=job.job_id in inserted)
+
+
+def submit_spec(**kwargs: Any) -> Job:
+    """`submit` for callers that only need the job."""
+    return submit(**kwargs).job
 
 
 def parse_spec(spec_dict: dict[str, Any]) -> JobSpec:
@@ -109,6 +143,21 @@ def check_references(session: Session, tenant_id: str, spec: JobSpec) -> None:
         raise InvalidSpec(errors)
 
 
+def check_caps(spec: JobSpec, caps: Caps) -> None:
+    """Raise InvalidSpec naming every field that asks for more than the service allows."""
+    errors = []
+    if spec.train.epochs > caps.max_epochs:
+        errors.append(_error("train.epochs", f"at most {caps.max_epochs} epochs on this service", "less_than_equal"))
+    if spec.resources.max_runtime_s > caps.max_runtime_s:
+        message = f"at most {caps.max_runtime_s:g} s on this service"
+        errors.append(_error("resources.max_runtime_s", message, "less_than_equal"))
+    if spec.data.dataset == "builtin:synthetic" and spec.data.synthetic.n_samples > caps.max_dataset_examples:
+        message = f"at most {caps.max_dataset_examples} examples on this service"
+        errors.append(_error("data.synthetic.n_samples", message, "less_than_equal"))
+    if errors:
+        raise InvalidSpec(errors)
+
+
 def queue_for(spec: JobSpec) -> str:
     """The broker queue of a job: `gpu` when the spec asks for CUDA; `auto` runs on whatever the worker has."""
     return GPU_QUEUE if spec.resources.device.startswith("cuda") else CPU_QUEUE
@@ -124,5 +173,22 @@ def _check_active_limit(session: Session, tenant_id: str, idempotency_key: str |
         raise TooManyActiveJobs(limit)
 
 
-def _error(path: str, message: str) -> dict[str, Any]:
-    return {"path": path, "message": message, "type": "value_error"}
+@contextmanager
+def _inserted_jobs(session: Session) -> Iterator[set[str]]:
+    """The ids of the jobs this session inserts meanwhile. Under concurrent requests with one idempotency key,
+    only the one whose INSERT committed sees its job here; the others replay it."""
+    inserted: set[str] = set()
+
+    def record(_session: Session, instance: object) -> None:
+        if isinstance(instance, Job):
+            inserted.add(instance.job_id)
+
+    event.listen(session, "pending_to_persistent", record)
+    try:
+        yield inserted
+    finally:
+        event.remove(session, "pending_to_persistent", record)
+
+
+def _error(path: str, message: str, type_: str = "value_error") -> dict[str, Any]:
+    return {"path": path, "message": message, "type": type_}

@@ -10,16 +10,18 @@ from fastapi import Path as PathParam
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import PageLimitDep, SessionDep, SettingsDep, TenantDep, WriteSessionDep
+from api.deps import AUTHENTICATED, PageLimitDep, SessionDep, SettingsDep, TenantDep, WriteSessionDep
 from api.errors import ApiError, problem
 from api.schemas import ERRORS, DatasetPublic, DatasetsPage, ErrorBody
 from api.uploads import Upload, receive_upload
+from core import tenants
+from core.config import Settings
 from core.datasets import create_dataset, get_dataset, list_datasets
 from core.engine.data import describe_dataset
 from core.models import Dataset, new_id
 from core.spec import SpecError
 
-router = APIRouter(prefix="/v1/datasets", tags=["datasets"], responses=ERRORS)
+router = APIRouter(prefix="/v1/datasets", tags=["datasets"], dependencies=AUTHENTICATED, responses=ERRORS)
 
 SUFFIXES = (".npz", ".csv", ".zip")
 MULTIPART_OVERHEAD = 64 * 1024  # boundaries, part headers and the text fields around the file
@@ -52,7 +54,10 @@ def upload_limit(max_upload_mb: int) -> int:
     "",
     status_code=201,
     openapi_extra=UPLOAD_OPENAPI,
-    responses={413: {"model": ErrorBody, "description": "larger than settings.max_upload_mb"}},
+    responses={
+        413: {"model": ErrorBody, "description": "over max_upload_mb, or the tenant's max_dataset_storage_mb"},
+        415: {"model": ErrorBody, "description": "not multipart/form-data"},
+    },
 )
 async def upload_dataset(
     request: Request, response: Response, session: WriteSessionDep, tenant: TenantDep, settings: SettingsDep
@@ -62,7 +67,7 @@ async def upload_dataset(
     folder = settings.dataset_dir / tenant
     upload = await receive_upload(request, folder=folder, max_bytes=settings.max_upload_mb * 2**20, suffixes=SUFFIXES)
     try:
-        row = await run_in_threadpool(_store, upload, session, tenant)
+        row = await run_in_threadpool(_store, upload, session, tenant, settings)
     except BaseException:
         upload.path.unlink(missing_ok=True)
         raise
@@ -93,10 +98,12 @@ def read_dataset(
     return DatasetPublic.from_row(row)
 
 
-def _store(upload: Upload, session: Session, tenant_id: str) -> Dataset:
-    """Validate the received file, give it its final name, and record it."""
+def _store(upload: Upload, session: Session, tenant_id: str, settings: Settings) -> Dataset:
+    """Validate the received file against the tenant's quota and the caps, give it its final name, record it."""
+    _check_storage(session, tenant_id, upload.size_bytes, settings.max_dataset_storage_mb)
     label_column = (upload.fields.get("label_column") or "label").strip()
     description = _describe(upload, label_column)
+    _check_examples(description["n_examples"], settings.max_dataset_examples)
     dataset_id = new_id("ds_")
     upload.path = upload.path.rename(upload.path.with_name(f"{dataset_id}{upload.path.suffix}"))
     upload.path.chmod(0o644)  # mkstemp made it owner-only; a worker running as another user must read it
@@ -110,6 +117,20 @@ def _store(upload: Upload, session: Session, tenant_id: str) -> Dataset:
         size_bytes=upload.size_bytes,
         description={**description, "label_column": label_column if upload.path.suffix == ".csv" else None},
     )
+
+
+def _check_storage(session: Session, tenant_id: str, size_bytes: int, max_mb: int) -> None:
+    used = tenants.usage(session, tenant_id).dataset_bytes
+    session.rollback()  # end the read now: on SQLite the write session's transaction holds the write lock
+    if used + size_bytes > max_mb * 2**20:
+        message = f"the tenant's datasets may hold at most {max_mb} MiB; {used / 2**20:.1f} MiB are stored"
+        raise ApiError(413, "storage_quota_exceeded", message)
+
+
+def _check_examples(n_examples: int, limit: int) -> None:
+    if n_examples > limit:
+        message = f"{n_examples} examples; at most {limit} on this service"
+        raise ApiError(422, "invalid_dataset", message, [problem("file", message, "less_than_equal")])
 
 
 def _describe(upload: Upload, label_column: str) -> dict:

@@ -7,13 +7,13 @@ from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request
 
-from api.deps import JobDep, PageLimitDep, SessionDep, SettingsDep, TenantDep
+from api.deps import AUTHENTICATED, JobDep, PageLimitDep, SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, problem
 from api.schemas import ERRORS, ErrorBody, MetricsPage, metric_points
 from api.streaming import JobEventResponse, event_cursor, job_events
 from core import jobs
 
-router = APIRouter(prefix="/v1/jobs", tags=["events"], responses=ERRORS)
+router = APIRouter(prefix="/v1/jobs", tags=["events"], dependencies=AUTHENTICATED, responses=ERRORS)
 
 METRIC_KINDS = ("epoch_end", "test")
 METRIC_NAME = re.compile(r"^[\w./-]{1,200}$")

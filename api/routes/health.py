@@ -6,10 +6,11 @@ import os
 from collections.abc import Callable
 from pathlib import Path
 
-from fastapi import APIRouter, Request, Response
+from fastapi import APIRouter, Depends, Request, Response
 from prometheus_client import CONTENT_TYPE_LATEST, generate_latest
 from sqlalchemy import text
 
+from api.auth import metrics_access
 from api.deps import SettingsDep
 from api.errors import ApiError
 from api.schemas import ErrorBody, Health, Readiness
@@ -38,9 +39,18 @@ def readyz(request: Request, settings: SettingsDep) -> Readiness:
     return Readiness(checks=checks)
 
 
-@router.get("/metrics", responses={200: {"content": {CONTENT_TYPE_LATEST: {}}}})
+@router.get(
+    "/metrics",
+    dependencies=[Depends(metrics_access)],
+    responses={
+        200: {"content": {CONTENT_TYPE_LATEST: {}}, "description": "Prometheus text exposition"},
+        401: {"model": ErrorBody, "description": "TRICKSERVE_METRICS_TOKEN is set and was not sent"},
+        403: {"model": ErrorBody, "description": "no metrics token is set and the client is not on this machine"},
+    },
+)
 def metrics(request: Request) -> Response:
-    """Prometheus text: jobs by status, queue depth, running jobs' latest metrics, request latency."""
+    """Prometheus text: jobs by status, queue depth, running jobs' latest metrics, request latency. It spans every
+    tenant, so it takes the metrics token (TRICKSERVE_METRICS_TOKEN), or answers loopback clients when none is set."""
     return Response(generate_latest(request.app.state.monitoring.registry), media_type=CONTENT_TYPE_LATEST)
 
 

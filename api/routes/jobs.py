@@ -9,6 +9,7 @@ from fastapi import APIRouter, Depends, Header, Query, Response
 from fastapi.responses import FileResponse
 
 from api.deps import (
+    AUTHENTICATED,
     EnqueueDep,
     JobDep,
     PageLimitDep,
@@ -24,10 +25,10 @@ from api.errors import ApiError, problem
 from api.schemas import ERRORS, ErrorBody, JobPublic, JobsPage, TransitionPublic
 from core import jobs, notify
 from core.config import Settings
-from core.models import JobStatus, utcnow
-from core.submit import submit_spec
+from core.models import JobStatus
+from core.submit import Caps, submit
 
-router = APIRouter(prefix="/v1/jobs", tags=["jobs"], responses=ERRORS)
+router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=AUTHENTICATED, responses=ERRORS)
 
 IdempotencyKey = Annotated[
     str | None,
@@ -56,16 +57,18 @@ def create_job(
 ) -> JobPublic:
     """Submit a job spec (the body is the spec itself). The job is stored and committed, then sent to a worker; if
     the broker is down it stays queued and is sent later. 201 with the job, its resolved spec and its advice."""
-    started = utcnow()
-    job = submit_spec(
+    submitted = submit(
         session=session,
         tenant_id=tenant,
         spec_dict=spec,
         idempotency_key=idempotency_key,
         max_active_jobs=settings.max_active_jobs_per_tenant,
+        caps=Caps.from_settings(settings),
     )
-    dispatch(session, job, enqueue)
-    response.status_code = 201 if job.created_at >= started else 200  # an older job: replayed by its key
+    job = submitted.job
+    if submitted.created:  # a replay is never sent again; one the broker missed is sent by the outbox sweep
+        dispatch(session, job, enqueue)
+    response.status_code = 201 if submitted.created else 200
     response.headers["Location"] = f"/v1/jobs/{job.job_id}"
     return JobPublic.from_job(job)
 

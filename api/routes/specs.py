@@ -7,26 +7,27 @@ from dataclasses import asdict
 from fastapi import APIRouter, Depends
 from sqlalchemy.orm import Session
 
-from api.deps import SessionDep, SpecBody, TenantDep, require_json
+from api.deps import AUTHENTICATED, SessionDep, SettingsDep, SpecBody, TenantDep, require_json
 from api.errors import problem
 from api.schemas import ERRORS, SpecValidation
 from core.datasets import get_dataset
 from core.engine.advice import advise
 from core.engine.data import check_augment
 from core.spec import JobSpec, SpecError
-from core.submit import InvalidSpec, check_references, parse_spec, queue_for
+from core.submit import Caps, InvalidSpec, check_caps, check_references, parse_spec, queue_for
 
-router = APIRouter(prefix="/v1/specs", tags=["specs"], responses=ERRORS)
+router = APIRouter(prefix="/v1/specs", tags=["specs"], dependencies=AUTHENTICATED, responses=ERRORS)
 
 # Example shape and class count of the built-in datasets (builtin:synthetic takes its own from the spec).
 BUILTIN_INPUTS = {"builtin:digits": ((1, 8, 8), 10), "builtin:mnist1d": ((1, 40), 10)}
 
 
 @router.post("/validate", dependencies=[Depends(require_json)])
-def validate_spec(spec: SpecBody, session: SessionDep, tenant: TenantDep) -> SpecValidation:
+def validate_spec(spec: SpecBody, session: SessionDep, tenant: TenantDep, settings: SettingsDep) -> SpecValidation:
     """Validate and resolve a spec without submitting it: the resolved spec, its advice, and the parameter count
     of the model built for the dataset's inputs; or 422 listing every problem."""
     job_spec = parse_spec(spec)
+    check_caps(job_spec, Caps.from_settings(settings))
     check_references(session, tenant, job_spec)
     shape, n_classes = _inputs(session, tenant, job_spec)
     return SpecValidation(

@@ -1,5 +1,5 @@
-"""API test fixtures: a migrated SQLite file per test, the app with a recording enqueue, a TestClient, and a real
-uvicorn server for streams."""
+"""API test fixtures: a migrated SQLite file per test, the app with a recording enqueue, a TestClient
+authenticated as tenant `default`, and a real uvicorn server for streams."""
 
 from __future__ import annotations
 
@@ -9,9 +9,11 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import ExitStack, contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Any
 
+import httpx
 import pytest
 import uvicorn
 from fastapi import FastAPI
@@ -22,6 +24,7 @@ from api.deps import get_enqueue
 from api.main import create_app
 from core.config import Settings
 from core.db import create_db_engine, init_db, make_sessionmaker
+from tests.api.factories import auth_headers
 
 TEST_SETTINGS: dict[str, Any] = {"max_upload_mb": 1, "max_body_kb": 64, "default_page_size": 20, "max_page_size": 100}
 
@@ -83,11 +86,13 @@ def make_app(enqueue: RecordingEnqueue) -> Callable[[Settings], FastAPI]:
 
 @pytest.fixture
 def make_client(make_app: Callable[[Settings], FastAPI], make_settings: Callable[..., Settings]) -> Iterator[Any]:
-    """A started TestClient for settings made with these overrides."""
+    """A started TestClient for settings made with these overrides, authenticated as tenant `default`."""
     with ExitStack() as stack:
 
         def make(**overrides: Any) -> TestClient:
-            return stack.enter_context(TestClient(make_app(make_settings(**overrides))))
+            client = stack.enter_context(TestClient(make_app(make_settings(**overrides))))
+            client.headers.update(auth_headers(client.app, "default"))
+            return client
 
         yield make
 
@@ -103,6 +108,17 @@ def sessions(settings: Settings) -> Iterator[sessionmaker[Session]]:
     engine = create_db_engine(settings.database_url)
     yield make_sessionmaker(engine)
     engine.dispose()
+
+
+@dataclass
+class Served:
+    """A running server: its base URL and app; `client()` opens an httpx client authenticated as a tenant."""
+
+    url: str
+    app: FastAPI
+
+    def client(self, tenant: str = "default", **kwargs: Any) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=auth_headers(self.app, tenant), **kwargs)
 
 
 @contextmanager
@@ -128,10 +144,11 @@ def serve(app: FastAPI) -> Iterator[str]:
 
 @pytest.fixture
 def make_server(make_app: Callable[[Settings], FastAPI], make_settings: Callable[..., Settings]) -> Iterator[Any]:
-    """Start a real server for settings made with these overrides; returns its base URL."""
+    """Start a real server for settings made with these overrides."""
     with ExitStack() as stack:
 
-        def make(**overrides: Any) -> str:
-            return stack.enter_context(serve(make_app(make_settings(**overrides))))
+        def make(**overrides: Any) -> Served:
+            app = make_app(make_settings(**overrides))
+            return Served(stack.enter_context(serve(app)), app)
 
         yield make

@@ -1,4 +1,4 @@
-"""Small factories for API tests: specs, and a stand-in worker that drives a job through core.jobs."""
+"""Small factories for API tests: API keys, specs, and a stand-in worker that drives a job through core.jobs."""
 
 from __future__ import annotations
 
@@ -6,11 +6,30 @@ import io
 from typing import Any
 
 import numpy as np
+from fastapi import FastAPI
+from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import jobs
+from core import jobs, tenants
 
 Sessions = sessionmaker[Session]
+
+
+def new_key(sessions: Sessions, tenant: str) -> str:
+    """A new API key of `tenant`, created if new."""
+    with sessions() as s:
+        tenants.create_tenant(session=s, tenant_id=tenant)
+        return tenants.create_api_key(session=s, tenant_id=tenant)
+
+
+def auth_headers(app: FastAPI, tenant: str) -> dict[str, str]:
+    """The Authorization header of a new key of `tenant` on `app`'s database."""
+    return {"Authorization": f"Bearer {new_key(app.state.sessions, tenant)}"}
+
+
+def as_tenant(client: TestClient, tenant: str) -> TestClient:
+    """Another client of the same app, authenticated as `tenant`."""
+    return TestClient(client.app, headers=auth_headers(client.app, tenant))
 
 
 def make_spec(**overrides: Any) -> dict[str, Any]:

@@ -13,9 +13,10 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
-from tests.api.factories import claim, epoch_event, make_spec, record
+from tests.api.factories import auth_headers, claim, epoch_event, make_spec, record
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
+METRICS_TOKEN = "metrics-token-for-tests"
 
 
 def test_healthz(client: TestClient):
@@ -51,12 +52,13 @@ def test_readyz_reports_an_unreachable_database(make_app: Callable[[Settings], F
 
 
 def test_metrics_exposes_jobs_queue_depth_running_metrics_and_latency(
-    client: TestClient, sessions: sessionmaker[Session]
+    make_client: Callable[..., TestClient], sessions: sessionmaker[Session]
 ):
+    client = make_client(metrics_token=METRICS_TOKEN)
     client.post("/v1/jobs", json=make_spec(resources={"device": "cuda"}))
     running = client.post("/v1/jobs", json=make_spec()).json()["id"]
     record(sessions, running, claim(sessions, running), [epoch_event(1), epoch_event(2)])
-    text = client.get("/metrics").text
+    text = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     assert 'trickserve_jobs{status="queued"} 1.0' in text and 'trickserve_jobs{status="running"} 1.0' in text
     assert 'trickserve_queue_depth{queue="gpu"} 1.0' in text and 'trickserve_queue_depth{queue="cpu"} 0.0' in text
     assert f'trickserve_job_metric{{job_id="{running}",name="val/loss"}} 0.75' in text  # epoch 2's value
@@ -102,6 +104,6 @@ def test_unexpected_errors_are_500_without_details(
 
     monkeypatch.setattr("core.jobs.list_jobs", broken)
     with TestClient(make_app(settings), raise_server_exceptions=False) as client:
-        r = client.get("/v1/jobs")
+        r = client.get("/v1/jobs", headers=auth_headers(client.app, "default"))
     assert r.status_code == 500 and r.json()["error"]["code"] == "internal"
     assert "hunter2" not in r.text and "Traceback" not in r.text and r.json()["error"]["details"]["error_id"]

@@ -69,8 +69,8 @@ def open_stream(http: httpx.Client, job_id: str, **kwargs: Any) -> Iterator[Stre
 
 
 @pytest.fixture
-def http(make_server: Callable[..., str]) -> Iterator[httpx.Client]:
-    with httpx.Client(base_url=make_server(), timeout=READ_TIMEOUT_S) as client:
+def http(make_server: Callable[..., Any]) -> Iterator[httpx.Client]:
+    with make_server().client(timeout=READ_TIMEOUT_S) as client:
         yield client
 
 
@@ -150,8 +150,8 @@ def test_a_stream_opened_on_a_finished_job_replays_then_ends(http: httpx.Client,
         assert ids(stream.rest())[0] > middle  # the header, sent on automatic reconnects, wins
 
 
-def test_an_idle_stream_gets_keep_alive_pings(make_server: Callable[..., str]):
-    with httpx.Client(base_url=make_server(sse_ping_s=0.2), timeout=READ_TIMEOUT_S) as http:
+def test_an_idle_stream_gets_keep_alive_pings(make_server: Callable[..., Any]):
+    with make_server(sse_ping_s=0.2).client(timeout=READ_TIMEOUT_S) as http:
         job_id = submit(http)
         with open_stream(http, job_id) as stream:
             assert stream.next_event()["event"] == "status"
@@ -161,13 +161,14 @@ def test_an_idle_stream_gets_keep_alive_pings(make_server: Callable[..., str]):
     assert time.monotonic() - started < 2.0
 
 
-def test_open_streams_per_tenant_are_limited(make_server: Callable[..., str]):
-    with httpx.Client(base_url=make_server(sse_max_connections_per_tenant=1), timeout=READ_TIMEOUT_S) as http:
+def test_open_streams_per_tenant_are_limited(make_server: Callable[..., Any]):
+    with make_server(sse_max_connections_per_tenant=1).client(timeout=READ_TIMEOUT_S) as http:
         job_id = submit(http)
         with open_stream(http, job_id) as stream:
             stream.next_event()
             refused = http.get(f"/v1/jobs/{job_id}/events")
             assert refused.status_code == 429 and refused.json()["error"]["code"] == "too_many_streams"
+            assert int(refused.headers["retry-after"]) > 0
         deadline = time.monotonic() + 3  # the slot comes back once the server notices the disconnect
         while (status := _first_status(http, job_id)) == 429 and time.monotonic() < deadline:
             time.sleep(0.05)
@@ -185,14 +186,14 @@ def test_bad_last_event_id_is_400(http: httpx.Client):
     assert r.status_code == 400 and r.json()["error"]["code"] == "invalid_cursor"
 
 
-def test_redis_wakes_streams_without_waiting_for_a_poll(make_server: Callable[..., str], sessions):
+def test_redis_wakes_streams_without_waiting_for_a_poll(make_server: Callable[..., Any], sessions):
     try:
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
     except redis.RedisError:
         pytest.skip(f"Redis unreachable at {REDIS_URL}")
     from api.streaming import WAKE_TIMEOUT_S
 
-    with httpx.Client(base_url=make_server(redis_url=REDIS_URL), timeout=READ_TIMEOUT_S + WAKE_TIMEOUT_S) as http:
+    with make_server(redis_url=REDIS_URL).client(timeout=READ_TIMEOUT_S + WAKE_TIMEOUT_S) as http:
         job_id = submit(http)
         attempt = claim(sessions, job_id)
         with open_stream(http, job_id) as stream:
