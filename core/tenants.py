@@ -60,9 +60,7 @@ def revoke_api_key(*, session: Session, key_or_prefix: str) -> bool:
     value = key_or_prefix.strip()
     match = ApiKey.key_hash == hash_key(value) if len(value) > SHOWN_CHARS else ApiKey.prefix == value
     try:
-        result = session.execute(
-            update(ApiKey).where(match, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow())
-        )
+        result = session.execute(update(ApiKey).where(match, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow()))
         session.commit()
     except BaseException:
         session.rollback()
@@ -95,9 +93,7 @@ def authenticate(session: Session, key: str) -> str | None:
 def usage(session: Session, tenant_id: str) -> Usage:
     """The tenant's queued and running jobs, and its datasets with their total size."""
     active = select(func.count()).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES))
-    stored = select(func.count(), func.coalesce(func.sum(Dataset.size_bytes), 0)).where(
-        Dataset.tenant_id == tenant_id
-    )
+    stored = select(func.count(), func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.tenant_id == tenant_id)
     n_datasets, n_bytes = session.execute(stored).one()
     return Usage(active_jobs=session.scalar(active) or 0, datasets=n_datasets, dataset_bytes=int(n_bytes))
 

@@ -66,8 +66,10 @@ def create_job(
         caps=Caps.from_settings(settings),
     )
     job = submitted.job
-    if submitted.created:  # a replay is never sent again; one the broker missed is sent by the outbox sweep
-        dispatch(session, job, enqueue)
+    # Only the request that created the job sends it: a replay could race that send. The outbox sweep sends
+    # whatever the broker missed.
+    if submitted.created and dispatch(session, job, enqueue):
+        session.refresh(job)  # marked dispatched (updated_at moved): answer exactly what a replay will answer
     response.status_code = 201 if submitted.created else 200
     response.headers["Location"] = f"/v1/jobs/{job.job_id}"
     return JobPublic.from_job(job)

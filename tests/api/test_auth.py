@@ -131,9 +131,7 @@ def test_embedded_key_is_created_once_in_an_owner_only_file(settings: Settings):
     assert [p.name for p in settings.home.iterdir() if p.name.startswith(".api-key")] == []  # no temporary left
 
 
-def test_embedded_key_is_replaced_when_revoked_and_tightened_when_loosened(
-    settings: Settings, client: TestClient
-):
+def test_embedded_key_is_replaced_when_revoked_and_tightened_when_loosened(settings: Settings, client: TestClient):
     key, _ = ensure_embedded_key(settings)
     path = settings.home / KEY_FILE
     path.chmod(0o644)
