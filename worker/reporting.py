@@ -3,6 +3,8 @@
 from __future__ import annotations
 
 import logging
+import os
+import shutil
 import threading
 import time
 from pathlib import Path
@@ -16,6 +18,7 @@ from core.notify import publish
 
 log = logging.getLogger(__name__)
 FLUSH_INTERVAL_S = 0.5  # progress events wait at most this long; anything else is stored at once
+CHECKPOINT_SLOTS = 2  # the checkpoint the database points at, and the one being recorded
 
 
 class Fenced(Exception):
@@ -32,6 +35,7 @@ class DBReporter(Callback):
         self.fenced = threading.Event()  # set by a failed write, or by the heartbeat thread when the lease is lost
         self._buffer: list[Event] = []
         self._last_flush = time.monotonic()
+        self._slot = 0  # the snapshot slot the next checkpoint goes to; the database points at another one
 
     def on_event(self, ctx: RunContext, event: Event) -> None:
         self.add(event)
@@ -47,18 +51,28 @@ class DBReporter(Callback):
         self.check()
 
     def on_checkpoint(self, ctx: RunContext, path: str) -> None:
+        """Point the job at a snapshot of the checkpoint just written. The engine rewrites one file in place, so a
+        process killed after the next rewrite but before its pointer is stored would leave the database naming a
+        step that file no longer holds (the retry would skip that stretch of metrics); the pointer names a
+        snapshot instead, which stays as it is until a later pointer has replaced it."""
         self.check()
-        size = Path(path).stat().st_size
+        snapshot = snapshot_file(Path(path), self._slot)
         try:
             with session_scope() as session:
                 ok = jobs.set_checkpoint(
-                    session=session, job_id=self.job_id, attempt=self.attempt, path=path, step=ctx.step, size_bytes=size
+                    session=session,
+                    job_id=self.job_id,
+                    attempt=self.attempt,
+                    path=str(snapshot),
+                    step=ctx.step,
+                    size_bytes=snapshot.stat().st_size,
                 )
         except OperationalError as exc:  # the database is away: the next checkpoint moves the pointer
             log.warning("job %s: checkpoint pointer not stored: %s", self.job_id, exc)
             return
         if not ok:
             self.fence()
+        self._slot = (self._slot + 1) % CHECKPOINT_SLOTS
 
     def on_train_end(self, ctx: RunContext) -> None:
         self.flush()
@@ -87,3 +101,28 @@ class DBReporter(Callback):
     def fence(self) -> None:
         self.fenced.set()
         self.check()
+
+
+def snapshot_file(path: Path, slot: int) -> Path:
+    """`checkpoint.pt` as it is now, under `checkpoint.<slot>.pt`: a hard link (the engine replaces its file by
+    rename, which leaves the link's content alone), or a copy where links are not supported; written atomically."""
+    target = path.with_name(f"{path.stem}.{slot}{path.suffix}")
+    tmp = path.with_name(f".{target.name}.tmp")
+    tmp.unlink(missing_ok=True)
+    try:
+        os.link(path, tmp)
+    except OSError:
+        shutil.copyfile(path, tmp)
+        with open(tmp, "rb+") as f:
+            os.fsync(f.fileno())
+    os.replace(tmp, target)
+    _fsync_dir(path.parent)
+    return target
+
+
+def _fsync_dir(folder: Path) -> None:
+    fd = os.open(folder, os.O_RDONLY)
+    try:
+        os.fsync(fd)  # the rename itself survives a power cut
+    finally:
+        os.close(fd)
