@@ -20,6 +20,7 @@ from core.engine.callbacks import Event, StopFlag
 from core.models import Dataset, FailureClass, Job, JobStatus
 from core.notify import publish
 from core.spec import JobSpec, SpecError, spec_errors
+from worker.faults import crash_hooks
 from worker.reporting import DBReporter, Fenced
 
 log = logging.getLogger(__name__)
@@ -76,7 +77,7 @@ def _attempt(claim: jobs.Claim, settings: Settings, reporter: DBReporter, cancel
         _check_device(spec)
         result = train(
             spec,
-            [reporter, cancel],
+            [*crash_hooks(claim.job_id, claim.attempt), reporter, cancel],  # crash_hooks: tests only
             resume_from=_resume_from(claim, reporter),
             out_dir=attempt_dir(settings, claim.job_id, claim.attempt),
             data_path=data_path,

@@ -1,0 +1,324 @@
+"""Real processes for integration tests: Celery workers (embedded: SQLite file + filesystem broker; production:
+PostgreSQL + Redis), a private redis-server that a test may stop and restart, and a uvicorn API server."""
+
+from __future__ import annotations
+
+import os
+import random
+import secrets
+import shutil
+import signal
+import socket
+import subprocess
+import sys
+from collections.abc import Callable, Iterator
+from contextlib import contextmanager
+from pathlib import Path
+
+import httpx
+import pytest
+import redis
+
+from core.config import Settings, get_settings
+from core.db import init_db, reset_engine, session_scope
+from core.models import Job
+from tests.conftest import _new_postgres_database
+from tests.worker.conftest import TENANT, load, submit, wait_for
+from worker import celery_app
+
+REPO = Path(__file__).resolve().parents[2]
+REDIS_URL = os.environ.get("TRICKSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
+REDIS_LOCK = "trickserve-test:lock"
+TERMINAL = ("succeeded", "early_stopped", "failed", "cancelled")
+# Short enough that a lost worker is noticed within seconds: a lease of 3 s renewed every 0.2 s, swept every 0.5 s.
+FAST = {"HEARTBEAT_S": "0.2", "LEASE_S": "3", "REAPER_INTERVAL_S": "0.5"}
+
+
+def _unavailable(message: str) -> None:
+    if os.environ.get("CI", "").lower() not in ("", "0", "false"):
+        pytest.fail(message)
+    pytest.skip(message)
+
+
+def free_port() -> int:
+    with socket.socket() as s:
+        s.bind(("127.0.0.1", 0))
+        return s.getsockname()[1]
+
+
+@contextmanager
+def _private_redis_db() -> Iterator[str]:
+    """The URL of a Redis database number no one else uses (claimed with a lock key), emptied afterwards."""
+    try:
+        redis.Redis.from_url(REDIS_URL, socket_connect_timeout=2).ping()
+    except redis.RedisError as exc:
+        _unavailable(f"Redis unreachable at {REDIS_URL}: {exc}")
+    for db in random.sample(range(1, 16), 15):
+        client = redis.Redis.from_url(f"{REDIS_URL}/{db}", socket_connect_timeout=2)
+        if not client.set(REDIS_LOCK, secrets.token_hex(8), nx=True, ex=600):
+            continue
+        if client.dbsize() != 1:  # someone's data: leave it alone
+            client.delete(REDIS_LOCK)
+            continue
+        try:
+            yield f"{REDIS_URL}/{db}"
+        finally:
+            client.flushdb()
+        return
+    pytest.fail("no free Redis database number")
+
+
+class OwnRedis:
+    """A redis-server of the test's own on a free port (no persistence): `stop` and `start` it at will. A restart
+    loses every key, as a Redis without persistence does."""
+
+    def __init__(self, log_path: Path):
+        if shutil.which("redis-server") is None:
+            _unavailable("redis-server is not installed")
+        self.port, self.log_path = free_port(), log_path
+        self.url = f"redis://127.0.0.1:{self.port}/0"
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        argv = ["redis-server", "--port", str(self.port), "--bind", "127.0.0.1", "--save", "", "--appendonly", "no",
+                "--daemonize", "no"]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        client = redis.Redis(port=self.port, socket_connect_timeout=0.5)
+        wait_for(lambda: _pings(client), timeout=10, what="redis-server to answer")
+
+    def stop(self) -> None:
+        if self.proc is not None and self.proc.poll() is None:
+            self.proc.kill()
+            self.proc.wait()
+        self.proc = None
+
+
+def _pings(client: redis.Redis) -> bool:
+    try:
+        return bool(client.ping())
+    except redis.RedisError:
+        return False
+
+
+def configure(
+    monkeypatch: pytest.MonkeyPatch,
+    home: Path,
+    database_url: str,
+    broker_url: str,
+    redis_url: str | None = None,
+    **extra: str,
+) -> Settings:
+    """Point this process and the workers it starts (through TRICKSERVE_* variables) at these backends, with the
+    FAST lease timings (`extra` overrides them: NAME=value without the prefix); rebuilds `celery_app.app`."""
+    monkeypatch.setenv("TRICKSERVE_HOME", str(home))
+    # Tiny models gain nothing from threads, and spinning OpenMP threads slow a job on a busy CI machine tenfold.
+    monkeypatch.setenv("OMP_NUM_THREADS", "1")
+    for name, value in {**FAST, **extra}.items():
+        monkeypatch.setenv(f"TRICKSERVE_{name}", value)
+    monkeypatch.setenv("TRICKSERVE_DATABASE_URL", database_url)
+    monkeypatch.setenv("TRICKSERVE_BROKER_URL", broker_url)
+    if redis_url:
+        monkeypatch.setenv("TRICKSERVE_REDIS_URL", redis_url)
+    else:
+        monkeypatch.delenv("TRICKSERVE_REDIS_URL", raising=False)
+    get_settings.cache_clear()
+    reset_engine()
+    settings = get_settings()
+    monkeypatch.setattr(celery_app, "app", celery_app.create_app(settings))
+    return settings
+
+
+@contextmanager
+def _databases(mode: str, tmp_path: Path, migrated_sqlite: Path) -> Iterator[tuple[str, str]]:
+    if mode == "embedded":
+        shutil.copy(migrated_sqlite, tmp_path / "trickserve.db")
+        yield f"sqlite:///{tmp_path / 'trickserve.db'}", "filesystem://"
+        return
+    with _new_postgres_database() as database_url, _private_redis_db() as broker_url:
+        init_db(database_url)
+        yield database_url, broker_url
+
+
+@contextmanager
+def service_in(mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_sqlite: Path) -> Iterator[Settings]:
+    with _databases(mode, tmp_path, migrated_sqlite) as (database_url, broker_url):
+        redis_url = broker_url if broker_url.startswith("redis") else None
+        yield configure(monkeypatch, tmp_path / "home", database_url, broker_url, redis_url)
+        reset_engine()
+        get_settings.cache_clear()
+
+
+@pytest.fixture(params=["embedded", "production"])
+def service(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_sqlite: Path) -> Iterator[Settings]:
+    """Process settings for one mode (short heartbeat, lease and reaper interval), shared with the workers through
+    TRICKSERVE_* variables; `celery_app.app` is rebuilt from them."""
+    with service_in(request.param, tmp_path, monkeypatch, _migrated_sqlite) as settings:
+        yield settings
+
+
+@pytest.fixture
+def embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_sqlite: Path) -> Iterator[Settings]:
+    with service_in("embedded", tmp_path, monkeypatch, _migrated_sqlite) as settings:
+        yield settings
+
+
+@pytest.fixture
+def production(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_sqlite: Path) -> Iterator[Settings]:
+    with service_in("production", tmp_path, monkeypatch, _migrated_sqlite) as settings:
+        yield settings
+
+
+class Worker:
+    """One `celery worker` process in a session of its own; `kill` ends its whole process group."""
+
+    def __init__(self, log_path: Path, queues: str = "cpu,gpu", env: dict[str, str] | None = None):
+        self.log_path = log_path
+        argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queues,
+                "-n", f"test-{secrets.token_hex(4)}@%h", "--loglevel", "INFO",
+                "--without-mingle", "--without-gossip", "--without-heartbeat"]  # fmt: skip
+        with open(log_path, "wb") as log:
+            self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
+                                         env={**os.environ, **(env or {})})  # fmt: skip
+
+    def kill(self) -> None:
+        """SIGKILL the worker and its pool children at once, as a crash or the OOM killer would."""
+        self.signal(signal.SIGKILL)
+        self.proc.wait()
+
+    def signal(self, sig: int) -> None:
+        """Send `sig` to the whole process group (main process and pool children)."""
+        try:
+            os.killpg(self.proc.pid, sig)
+        except ProcessLookupError:
+            pass
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+@pytest.fixture
+def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
+    workers: list[Worker] = []
+
+    def start(**env: str) -> Worker:
+        workers.append(Worker(tmp_path / f"worker-{len(workers)}.log", env=env))
+        return workers[-1]
+
+    yield start
+    for worker in workers:
+        worker.signal(signal.SIGCONT)  # a test that paused one must not leave it stopped
+        worker.kill()
+
+
+def enqueue_new(spec: dict, **kwargs) -> Job:
+    """Submit through core and enqueue after the commit, as the API does."""
+    job = submit(spec, **kwargs)
+    celery_app.enqueue(job.job_id, job.queue)
+    return job
+
+
+def wait_terminal(job_id: str, *workers: Worker, timeout: float = 25.0) -> Job:
+    try:
+        wait_for(lambda: load(job_id).status in TERMINAL, timeout=timeout, what=f"{job_id} to finish")
+    except AssertionError:
+        for worker in workers:
+            print(f"--- {worker.log_path.name}\n{worker.log()}")
+        raise
+    return load(job_id)
+
+
+def running_pid(job_id: str) -> int:
+    """The process that runs the job now: worker ids are `<node>/<pid>` of the pool child holding the lease."""
+    owner = load(job_id).lease_owner
+    assert owner, f"{job_id} is not running"
+    return int(owner.rsplit("/", 1)[1])
+
+
+# --------------------------------------------------------------------------------------------- the API
+
+
+def api_key(settings: Settings, tenant_id: str = TENANT) -> str | None:
+    """A bearer key of `tenant_id` when the API authenticates (core.tenants exists), else None."""
+    try:
+        from core import tenants
+    except ImportError:
+        return None
+    with session_scope() as session:
+        tenants.create_tenant(session=session, tenant_id=tenant_id)
+        return tenants.create_api_key(session=session, tenant_id=tenant_id, name="tests")
+
+
+class ApiServer:
+    """`uvicorn api.main:create_app` in a process of its own on a fixed port: `stop` it (SIGTERM, then SIGKILL)
+    and `start` it again on the same port and database, as a deploy or a crash would."""
+
+    def __init__(self, log_path: Path, key: str | None):
+        self.port, self.log_path = free_port(), log_path
+        self.url = f"http://127.0.0.1:{self.port}"
+        self.headers = {"Authorization": f"Bearer {key}"} if key else {}
+        self.proc: subprocess.Popen | None = None
+        self.start()
+
+    def start(self) -> None:
+        argv = [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
+                "--port", str(self.port), "--timeout-graceful-shutdown", "2"]  # fmt: skip
+        with open(self.log_path, "ab") as log:
+            self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
+        wait_for(self._answers, timeout=30, what="the API to answer")
+
+    def _answers(self) -> bool:
+        assert self.proc is not None and self.proc.poll() is None, self.log()
+        try:
+            return httpx.get(f"{self.url}/healthz", timeout=1).status_code == 200
+        except httpx.TransportError:
+            return False
+
+    def stop(self, sig: int = signal.SIGTERM) -> None:
+        if self.proc is None:
+            return
+        try:
+            os.killpg(self.proc.pid, sig)
+            self.proc.wait(10)
+        except ProcessLookupError:
+            pass
+        except subprocess.TimeoutExpired:
+            os.killpg(self.proc.pid, signal.SIGKILL)
+            self.proc.wait()
+        self.proc = None
+
+    def client(self) -> httpx.Client:
+        return httpx.Client(base_url=self.url, headers=self.headers, timeout=httpx.Timeout(10, read=30))
+
+    def log(self) -> str:
+        return self.log_path.read_text(errors="replace")[-6000:]
+
+
+@pytest.fixture
+def start_api(tmp_path: Path) -> Iterator[Callable[[Settings], ApiServer]]:
+    servers: list[ApiServer] = []
+
+    def start(settings: Settings) -> ApiServer:
+        servers.append(ApiServer(tmp_path / f"api-{len(servers)}.log", api_key(settings)))
+        return servers[-1]
+
+    yield start
+    for server in servers:
+        server.stop(signal.SIGKILL)
+
+
+def sse_events(client: httpx.Client, job_id: str, last_event_id: str | None = None) -> Iterator[dict[str, str]]:
+    """Parse the job's event stream into dicts {id, event, data}; ends when the server closes it."""
+    headers = {"Last-Event-ID": last_event_id} if last_event_id else {}
+    with client.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as response:
+        assert response.status_code == 200, response.read()
+        message: dict[str, str] = {}
+        for line in response.iter_lines():
+            if line == "":
+                if "data" in message or "id" in message:
+                    yield message
+                message = {}
+            elif not line.startswith(":"):
+                field, _, value = line.partition(":")
+                message[field] = value[1:] if value.startswith(" ") else value
