@@ -12,6 +12,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.routing import Match
 
 from core.jobs import IdempotencyConflict, IllegalTransition, InvalidCursor, JobNotFound
 from core.spec import SpecError, spec_errors
@@ -82,7 +83,19 @@ async def _too_many_jobs(request: Request, exc: TooManyActiveJobs) -> JSONRespon
 
 async def _http_error(request: Request, exc: HTTPException) -> JSONResponse:
     message = exc.detail if isinstance(exc.detail, str) else STATUS_CODES.get(exc.status_code, "error")
-    return error_response(exc.status_code, STATUS_CODES.get(exc.status_code, "error"), message, headers=exc.headers)
+    headers = exc.headers
+    if exc.status_code == 405:  # Starlette names the methods of the first route of the path; a path has several
+        headers = {**(headers or {}), "Allow": ", ".join(_allowed_methods(request))}
+    return error_response(exc.status_code, STATUS_CODES.get(exc.status_code, "error"), message, headers=headers)
+
+
+def _allowed_methods(request: Request) -> list[str]:
+    methods: set[str] = set()
+    for route in request.app.routes:
+        match, _ = route.matches({**request.scope, "method": "GET"})
+        if match != Match.NONE:
+            methods |= getattr(route, "methods", None) or set()
+    return sorted(methods)
 
 
 async def _request_invalid(request: Request, exc: RequestValidationError) -> JSONResponse:

@@ -61,12 +61,24 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:
-    """The generated schema plus JobSpec (the body of POST /v1/jobs and /v1/specs/validate) and its parts."""
+    """The generated schema plus JobSpec (the body of POST /v1/jobs and /v1/specs/validate) and its parts, and
+    the limits that are settings."""
     if app.openapi_schema is None:
         schema = get_openapi(title=app.title, version=app.version, description=app.description, routes=app.routes)
         spec = JobSpec.model_json_schema(ref_template="#/components/schemas/{model}")
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(spec.pop("$defs", {}))
         components["JobSpec"] = spec
+        _document_page_limit(schema, app.state.settings.max_page_size)
         app.openapi_schema = schema
     return app.openapi_schema
+
+
+def _document_page_limit(schema: dict[str, Any], max_page_size: int) -> None:
+    """Every `limit` query parameter gets the configured maximum (a setting, so unknown to the route code)."""
+    for operation in (op for path in schema["paths"].values() for op in path.values()):
+        for parameter in operation.get("parameters", []):
+            if parameter["in"] == "query" and parameter["name"] == "limit":
+                for option in parameter["schema"].get("anyOf", [parameter["schema"]]):
+                    if option.get("type") == "integer":
+                        option["maximum"] = max_page_size

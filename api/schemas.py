@@ -37,6 +37,16 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 }
 
 
+BAD_CURSOR: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "a cursor this API did not make (invalid_cursor)"}
+}
+BAD_JSON_BODY: dict[int | str, dict[str, Any]] = {
+    400: {"model": ErrorBody, "description": "the body cannot be read (not UTF-8, not JSON)"},
+    413: {"model": ErrorBody, "description": "the body is larger than settings.max_body_kb"},
+    415: {"model": ErrorBody, "description": "the body is not declared as application/json"},
+}
+
+
 # ---------------------------------------------------------------------------------------------- jobs
 
 

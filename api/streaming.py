@@ -24,11 +24,13 @@ SEND_TIMEOUT_S = 30.0  # a client that reads nothing for this long is dropped
 MAX_CURSOR_DIGITS = 18
 
 
+CURSOR_PATTERN = f"^[0-9]{{0,{MAX_CURSOR_DIGITS}}}$"  # what the OpenAPI document promises; event_cursor keeps it
+
+
 def event_cursor(value: str | None) -> int:
     """The job_event id after which to continue (Last-Event-ID or `after`); 0 when absent; 400 when malformed."""
     if value is None or value == "":
         return 0
-    value = value.strip()
     if not value.isascii() or not value.isdigit() or len(value) > MAX_CURSOR_DIGITS:
         raise ApiError(400, "invalid_cursor", f"a cursor is an event id (a non-negative integer), not {value[:40]!r}")
     return int(value)

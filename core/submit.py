@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
@@ -108,9 +109,10 @@ def submit_spec(**kwargs: Any) -> Job:
 
 
 def parse_spec(spec_dict: dict[str, Any]) -> JobSpec:
-    """The validated spec, with the service's own rules: no local paths (they name files on the server)."""
+    """The validated spec, with the service's own rules: types exactly as the JSON Schema says (strict: no `0` for
+    false, no `"3"` for 3), no local paths (they name files on the server)."""
     try:
-        spec = JobSpec.model_validate(spec_dict)
+        spec = JobSpec.model_validate_json(json.dumps(spec_dict), strict=True)
     except ValidationError as exc:
         raise InvalidSpec(spec_errors(exc)) from None
     errors = []

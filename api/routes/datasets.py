@@ -12,7 +12,7 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import AUTHENTICATED, PageLimitDep, SessionDep, SettingsDep, TenantDep, WriteSessionDep
 from api.errors import ApiError, problem
-from api.schemas import ERRORS, DatasetPublic, DatasetsPage, ErrorBody
+from api.schemas import BAD_CURSOR, ERRORS, DatasetPublic, DatasetsPage, ErrorBody
 from api.uploads import Upload, receive_upload
 from core import tenants
 from core.config import Settings
@@ -75,7 +75,7 @@ async def upload_dataset(
     return DatasetPublic.from_row(row)
 
 
-@router.get("")
+@router.get("", responses=BAD_CURSOR)
 def list_uploaded(
     session: SessionDep,
     tenant: TenantDep,

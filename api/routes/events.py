@@ -10,25 +10,35 @@ from fastapi import APIRouter, Header, Query, Request
 from api.deps import AUTHENTICATED, JobDep, PageLimitDep, SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, problem
 from api.schemas import ERRORS, ErrorBody, MetricsPage, metric_points
-from api.streaming import JobEventResponse, event_cursor, job_events
+from api.streaming import CURSOR_PATTERN, JobEventResponse, event_cursor, job_events
 from core import jobs
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"], dependencies=AUTHENTICATED, responses=ERRORS)
 
 METRIC_KINDS = ("epoch_end", "test")
-METRIC_NAME = re.compile(r"^[\w./-]{1,200}$")
 MAX_NAMES = 50
+_NAME = "[A-Za-z0-9_./-]{1,200}"
+# A comma-separated list of metric names (spaces around commas allowed), checked here exactly as documented.
+NAMES_PATTERN = f"^ *{_NAME} *(, *{_NAME} *){{0,{MAX_NAMES - 1}}}$"
+NAMES = {"pattern": NAMES_PATTERN}
+CURSOR = {"pattern": CURSOR_PATTERN}
+INVALID_CURSOR = {400: {"model": ErrorBody, "description": "malformed cursor (after, Last-Event-ID)"}}
 
-After = Annotated[str | None, Query(description="cursor: an event id; only later events are returned")]
+After = Annotated[
+    str | None, Query(description="cursor: an event id; only later events are returned", json_schema_extra=CURSOR)
+]
 
 
-@router.get("/{job_id}/metrics", responses={400: {"model": ErrorBody, "description": "invalid cursor"}})
+@router.get("/{job_id}/metrics", responses=INVALID_CURSOR)
 def read_metrics(
     job: JobDep,
     session: SessionDep,
     limit: PageLimitDep,
     after: After = None,
-    names: Annotated[str | None, Query(max_length=4000, description="comma-separated, e.g. val/loss,val/acc")] = None,
+    names: Annotated[
+        str | None,
+        Query(max_length=4000, description="comma-separated, e.g. val/loss,val/acc", json_schema_extra=NAMES),
+    ] = None,
 ) -> MetricsPage:
     """Per-epoch metric points (from epoch_end and test events), oldest first: one per (name, step). `limit`
     counts events (each gives one point per metric); page with next_cursor, poll later from last_cursor."""
@@ -48,7 +58,8 @@ def read_metrics(
     response_class=JobEventResponse,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "id: event id, event: kind, data: JSON"},
-        429: {"model": ErrorBody, "description": "too many open streams"},
+        **INVALID_CURSOR,
+        429: {"model": ErrorBody, "description": "too many open streams; see Retry-After"},
     },
 )
 async def stream_events(
@@ -57,22 +68,25 @@ async def stream_events(
     settings: SettingsDep,
     tenant: TenantDep,
     after: After = None,
-    last_event_id: Annotated[str | None, Header(description="resume after this event id (wins over `after`)")] = None,
+    last_event_id: Annotated[
+        str | None, Header(description="resume after this event id (wins over `after`)", json_schema_extra=CURSOR)
+    ] = None,
 ) -> JobEventResponse:
     """Server-Sent Events: every event of the job in id order (metrics, progress, status changes, early stop,
     checkpoints, test...) as `id: <event id>`, `event: <kind>`, `data: {kind, step, epoch, attempt, data, at}`,
     with keep-alive comments; `event: end` follows the terminal status and closes the stream. Reconnect with
     Last-Event-ID (or ?after=) to continue without gap or repeat."""
-    start = event_cursor(last_event_id if last_event_id is not None else after)
+    after_id, resumed = event_cursor(after), event_cursor(last_event_id)  # both checked, whichever is used
+    start = resumed if last_event_id else after_id
     give_back = request.app.state.stream_slots.take(tenant)
     stream = job_events(request.app.state.read_sessions, job.job_id, after=start, redis_url=settings.redis_url)
     return JobEventResponse(stream, give_back=give_back, ping=settings.sse_ping_s)
 
 
 def _names(value: str | None) -> set[str] | None:
-    names = {n.strip() for n in (value or "").split(",") if n.strip()}
-    bad = sorted(n for n in names if not METRIC_NAME.match(n))
-    if bad or len(names) > MAX_NAMES:
-        message = f"not a metric name: {bad[0]!r}" if bad else f"at most {MAX_NAMES} names"
-        raise ApiError(422, "invalid_request", message, [problem("query.names", message)])
-    return names or None
+    if value is None:
+        return None
+    if not re.fullmatch(NAMES_PATTERN, value):
+        message = f"names are up to {MAX_NAMES} comma-separated metric names of letters, digits and _./-"
+        raise ApiError(422, "invalid_request", message, [problem("query.names", message, "pattern")])
+    return {n.strip() for n in value.split(",")}

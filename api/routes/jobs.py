@@ -22,7 +22,7 @@ from api.deps import (
 )
 from api.dispatch import dispatch
 from api.errors import ApiError, problem
-from api.schemas import ERRORS, ErrorBody, JobPublic, JobsPage, TransitionPublic
+from api.schemas import BAD_CURSOR, BAD_JSON_BODY, ERRORS, ErrorBody, JobPublic, JobsPage, TransitionPublic
 from core import jobs, notify
 from core.config import Settings
 from core.models import JobStatus
@@ -44,7 +44,8 @@ IdempotencyKey = Annotated[
     status_code=201,
     dependencies=[Depends(require_json)],
     responses={200: {"model": JobPublic, "description": "replayed: the job an earlier request with this key made"},
-               429: {"model": ErrorBody, "description": "too many queued or running jobs"}},
+               **BAD_JSON_BODY,
+               429: {"model": ErrorBody, "description": "too many queued or running jobs; see Retry-After"}},
 )  # fmt: skip
 def create_job(
     spec: SpecBody,
@@ -75,7 +76,7 @@ def create_job(
     return JobPublic.from_job(job)
 
 
-@router.get("")
+@router.get("", responses=BAD_CURSOR)
 def list_jobs(
     session: SessionDep,
     tenant: TenantDep,
@@ -115,14 +116,17 @@ def read_transitions(job: JobDep, session: SessionDep) -> list[TransitionPublic]
 @router.get(
     "/{job_id}/model",
     response_class=FileResponse,
-    responses={200: {"content": {"application/octet-stream": {}}, "description": "model.safetensors"}},
+    responses={
+        200: {"content": {"application/octet-stream": {}}, "description": "model.safetensors"},
+        409: {"model": ErrorBody, "description": "the job has no trained model yet (model_not_ready)"},
+    },
 )
 def download_model(job: JobDep, settings: SettingsDep) -> FileResponse:
     """The trained weights as safetensors; the resolved spec is in the file's metadata (key `spec`)."""
     path = _model_file(job.model_path, settings)
     if path is None:
         message = f"job {job.job_id} has no trained model yet (it is {job.status})"
-        raise ApiError(404, "model_not_ready", message)
+        raise ApiError(409, "model_not_ready", message)  # the job exists: 404 would say it does not
     return FileResponse(path, media_type="application/octet-stream", filename=f"{job.job_id}.safetensors")
 
 

@@ -9,7 +9,7 @@ from sqlalchemy.orm import Session
 
 from api.deps import AUTHENTICATED, SessionDep, SettingsDep, SpecBody, TenantDep, require_json
 from api.errors import problem
-from api.schemas import ERRORS, SpecValidation
+from api.schemas import BAD_JSON_BODY, ERRORS, SpecValidation
 from core.datasets import get_dataset
 from core.engine.advice import advise
 from core.engine.data import check_augment
@@ -22,7 +22,7 @@ router = APIRouter(prefix="/v1/specs", tags=["specs"], dependencies=AUTHENTICATE
 BUILTIN_INPUTS = {"builtin:digits": ((1, 8, 8), 10), "builtin:mnist1d": ((1, 40), 10)}
 
 
-@router.post("/validate", dependencies=[Depends(require_json)])
+@router.post("/validate", dependencies=[Depends(require_json)], responses=BAD_JSON_BODY)
 def validate_spec(spec: SpecBody, session: SessionDep, tenant: TenantDep, settings: SettingsDep) -> SpecValidation:
     """Validate and resolve a spec without submitting it: the resolved spec, its advice, and the parameter count
     of the model built for the dataset's inputs; or 422 listing every problem."""

@@ -269,7 +269,7 @@ def test_model_download_is_the_safetensors_file_with_its_spec(
 ):
     job = submit(client)
     r = client.get(f"/v1/jobs/{job['id']}/model")
-    assert r.status_code == 404 and r.json()["error"]["code"] == "model_not_ready"
+    assert r.status_code == 409 and r.json()["error"]["code"] == "model_not_ready"
     path = save_model(torch.nn.Linear(3, 2), tmp_path / "artifacts" / "model.safetensors", json.dumps(job["spec"]))
     finish(sessions, job["id"], claim(sessions, job["id"]), model_path=path)
     r = client.get(f"/v1/jobs/{job['id']}/model")
