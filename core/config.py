@@ -46,6 +46,12 @@ class Settings(BaseSettings):
         gt=0,
         description="a queued job not claimed this long after dispatch is sent to the broker again (s)",
     )
+    broker_visibility_timeout_s: float = Field(
+        default=24 * 3600.0,
+        ge=1,
+        description="Redis broker: an unacknowledged message is delivered again after this long (s); a running job's "
+        "redelivered message is dropped by the claim, so a long one only costs a wasted delivery",
+    )
     sqlite_busy_timeout_s: float = Field(default=30.0, gt=0, le=600, description="how long a SQLite writer waits (s)")
 
     max_upload_mb: int = Field(default=200, ge=1, le=100_000, description="largest dataset upload (MiB)")

@@ -8,9 +8,10 @@ says what to do, and the reaper re-sends whatever a lost or duplicated message w
 - `task_reject_on_worker_lost=False`: when the process running a job dies (OOM killer, segfault) the message is
   acked, not requeued. Requeueing has no redelivery cap and loops on a job that always crashes; instead the lease
   expires, the reaper re-queues the job from its checkpoint and counts the attempt against `max_attempts`.
-- Redis `visibility_timeout` is long (a day): a job outliving it would be redelivered while still running; that
-  duplicate is harmless (the claim is a compare-and-set and drops it) but pointless. Recovery does not wait for
-  it either: the lease and the outbox sweep re-send a lost job after `lease_s` / `redispatch_after_s`.
+- Redis `visibility_timeout` is long (a day, `broker_visibility_timeout_s`): a job outliving it would be redelivered
+  while still running; that duplicate is harmless (the claim is a compare-and-set and drops it) but pointless.
+  Recovery does not wait for it either: the lease and the outbox sweep re-send a lost job after `lease_s` /
+  `redispatch_after_s`.
 - Pool: prefork with one process (`-c 1`) and `worker_max_tasks_per_child=1`, in production and embedded mode
   alike. Every job gets a fresh child process, which returns its memory and CUDA context to the system; a job
   that crashes its process takes only that child down; the parent never touches CUDA, so forking stays safe.
@@ -39,7 +40,8 @@ log = logging.getLogger(__name__)
 
 SUBMIT_QUEUE = "celery"  # Celery's default queue: what a bare send_task from another service publishes to
 RUN_TASK, SUBMIT_TASK, REAP_TASK = "trickserve.run_job", "trickserve.submit_job", "trickserve.reap"
-VISIBILITY_TIMEOUT_S = 24 * 3600
+# kombu looks for messages past their visibility timeout every interval x throttle seconds (10 x 10 by default).
+RESTORE_SWEEP_S = 100
 FILESYSTEM_POLL_S = 0.1  # the filesystem broker polls its folder; its default (1 s) adds a second per message
 CONNECT_TIMEOUT_S = 1.0
 SOCKET_TIMEOUT_S = 5.0  # above kombu's 1 s BRPOP wait, so that an idle worker's poll never times out
@@ -64,11 +66,16 @@ def transport_options(settings: Settings) -> dict[str, Any]:
         return options
     if settings.broker_url.startswith(("redis://", "rediss://")):
         # Both timeouts: a Redis that accepts connections but never answers would otherwise hang a publisher.
-        return {
-            "visibility_timeout": VISIBILITY_TIMEOUT_S,
+        options: dict[str, Any] = {
+            "visibility_timeout": settings.broker_visibility_timeout_s,
             "socket_connect_timeout": CONNECT_TIMEOUT_S,
             "socket_timeout": SOCKET_TIMEOUT_S,
         }
+        if settings.broker_visibility_timeout_s < RESTORE_SWEEP_S:
+            # A timeout shorter than kombu's sweep would only take effect at the next sweep: sweep more often.
+            options["unacked_restore_interval"] = max(1, int(settings.broker_visibility_timeout_s // 4))
+            options["unacked_restore_throttle"] = 1
+        return options
     return {}
 
 
@@ -81,7 +88,8 @@ def create_app(settings: Settings) -> Celery:
         broker_transport_options=transport_options(settings),
         broker_connection_retry_on_startup=True,
         broker_connection_timeout=CONNECT_TIMEOUT_S,
-        visibility_timeout=VISIBILITY_TIMEOUT_S,  # Celery reads it here as well as in the transport options
+        # Celery reads it here as well as in the transport options.
+        visibility_timeout=settings.broker_visibility_timeout_s,
         result_backend=None,
         task_ignore_result=True,
         task_serializer="json",
