@@ -194,8 +194,9 @@ class Worker:
         except ProcessLookupError:
             pass
 
-    def log(self) -> str:
-        return self.log_path.read_text(errors="replace")[-6000:]
+    def log(self, tail: int | None = 6000) -> str:
+        text = self.log_path.read_text(errors="replace")
+        return text[-tail:] if tail else text
 
 
 @pytest.fixture

@@ -5,18 +5,20 @@ a resume. Every test checks the database, the source of truth: job status, attem
 
 from __future__ import annotations
 
-import math
 import os
 import signal
+import sqlite3
 import time
 from collections import Counter
-from pathlib import Path
 
 import pytest
+import sqlalchemy as sa
 import torch
 
-from core.engine.checkpoint import load_checkpoint, load_model_file
-from core.models import JobEvent
+from core.config import Settings, get_settings
+from core.db import get_engine, reset_engine, session_scope
+from core.engine.checkpoint import load_model_file
+from core.models import Artifact, JobEvent, JobTransition
 from tests.integration.conftest import (
     Worker,
     enqueue_new,
@@ -24,13 +26,22 @@ from tests.integration.conftest import (
     wait_terminal,
 )
 from tests.worker.conftest import events, load, make_spec, slow_spec, statuses, wait_for
-from worker import faults
+from worker import celery_app, faults
 
 pytestmark = pytest.mark.integration
 METRICS = ("progress", "epoch_end", "test")
 
 
 # ------------------------------------------------------------------------------------------- helpers
+
+
+def configure_again(monkeypatch: pytest.MonkeyPatch) -> Settings:
+    """Settings re-read after a test changed TRICKSERVE_* variables, and the Celery app rebuilt from them."""
+    get_settings.cache_clear()
+    reset_engine()
+    settings = get_settings()
+    monkeypatch.setattr(celery_app, "app", celery_app.create_app(settings))
+    return settings
 
 
 def assert_one_point_per_step(job_id: str, epochs: int) -> list[JobEvent]:
@@ -126,3 +137,113 @@ def test_job_that_kills_its_worker_every_time_fails_as_worker_lost_and_others_ru
     time.sleep(2)  # a few sweeps later nothing moved: no redelivery brought it back
     assert load(poison.job_id).attempt == 2 and len(statuses(poison.job_id)) == 5
     assert worker.proc.poll() is None  # only the pool children died
+
+
+# ------------------------------------------------------------------------------ 3. stale worker fenced
+
+
+def _holds_lock(settings, job_id: str) -> bool:
+    """Whether some transaction holds the job's row (PostgreSQL) or the write lock (SQLite) right now: every write
+    of a worker locks its job first."""
+    url = sa.make_url(settings.database_url)
+    if url.get_backend_name() == "sqlite":
+        conn = sqlite3.connect(url.database, timeout=0.1, isolation_level=None)
+        try:
+            conn.execute("BEGIN IMMEDIATE")
+            conn.execute("ROLLBACK")
+            return False
+        except sqlite3.OperationalError:
+            return True
+        finally:
+            conn.close()
+    with get_engine().connect() as conn:
+        try:
+            conn.exec_driver_sql("SELECT 1 FROM job WHERE job_id = %(id)s FOR UPDATE NOWAIT", {"id": job_id})
+            return False
+        except sa.exc.OperationalError:
+            return True
+        finally:
+            conn.rollback()
+
+
+def pause(worker: Worker, settings, job_id: str) -> None:
+    """SIGSTOP the whole worker, at a moment it holds no database lock: a process paused inside a transaction would
+    block every other writer of the job (SQLite: of the database) until it is continued."""
+    for _ in range(100):
+        worker.signal(signal.SIGSTOP)
+        time.sleep(0.05)  # the signal has landed everywhere
+        if not _holds_lock(settings, job_id):
+            return
+        worker.signal(signal.SIGCONT)
+        time.sleep(0.02)
+    pytest.fail("the worker always held a database lock")
+
+
+def test_paused_worker_is_fenced_and_its_late_writes_change_nothing(service, start_worker):
+    """§8.3: a worker paused (SIGSTOP) past its lease loses the job to another worker (attempt 2). Continued, the
+    old attempt's writes (events, checkpoint pointer, status) change nothing and it stops by itself; the database
+    never shows attempt 1 ending."""
+    epochs = 24
+    job = enqueue_new(slow_spec(epochs=epochs))
+    old = start_worker()
+    wait_for(lambda: checkpoint_after(job.job_id), timeout=30, what="the first checkpoint")
+    pause(old, service, job.job_id)
+    paused_at = load(job.job_id).checkpoint_step
+    new = start_worker()
+    wait_for(lambda: load(job.job_id).attempt == 2, timeout=30, what="attempt 2")
+    wait_for(lambda: checkpoint_after(job.job_id, paused_at), timeout=30, what="attempt 2's first checkpoint")
+    before = _attempt_rows(job.job_id, 1)
+
+    old.signal(signal.SIGCONT)
+    wait_for(lambda: "'fenced'" in old.log(tail=None), timeout=20, what="attempt 1 to stop")
+    assert "attempt 1 was fenced out" in old.log(tail=None)
+    assert _attempt_rows(job.job_id, 1) == before  # nothing attempt 1 wrote after it lost the job was kept
+    now = load(job.job_id)
+    assert now.status == "running" and now.attempt == 2 and "attempt-2" in now.checkpoint_path
+
+    done = wait_terminal(job.job_id, old, new, timeout=40)
+    assert done.status == "succeeded" and done.attempt == 2, done.failure_message
+    assert statuses(job.job_id) == ["queued", "running", "queued", "running", "succeeded"]
+    assert _attempt_rows(job.job_id, 1) == before
+    assert "attempt-2" in done.checkpoint_path and "attempt-2" in done.model_path
+    everything = assert_one_point_per_step(job.job_id, epochs)
+    assert_resumed_once(job.job_id, paused_at, everything)
+
+
+def _attempt_rows(job_id: str, attempt: int) -> tuple[list, list, list]:
+    """An attempt's events, transitions and artifacts, as comparable tuples."""
+    with session_scope(read_only=True) as session:
+        found = [
+            session.execute(
+                sa.select(*cols).where(table.job_id == job_id, table.attempt == attempt).order_by(key)
+            ).all()
+            for table, cols, key in (
+                (JobEvent, (JobEvent.job_event_id, JobEvent.kind, JobEvent.step), JobEvent.job_event_id),
+                (JobTransition, (JobTransition.to_status, JobTransition.at), JobTransition.job_transition_id),
+                (Artifact, (Artifact.path, Artifact.size_bytes, Artifact.created_at), Artifact.artifact_id),
+            )
+        ]
+    return tuple(found)
+
+
+# ------------------------------------------------------------------ 4. job longer than the visibility timeout
+
+
+def test_job_outliving_the_redis_visibility_timeout_runs_exactly_once(production, start_worker, monkeypatch):
+    """§8.2: with a 2 s visibility timeout Redis hands the running job's message to the idle second worker; the
+    claim drops it, so one attempt trains: attempt 1 only, one running and one terminal transition, no duplicate
+    metric step."""
+    monkeypatch.setenv("TRICKSERVE_BROKER_VISIBILITY_TIMEOUT_S", "2")
+    settings = configure_again(monkeypatch)
+    assert settings.broker_visibility_timeout_s == 2
+    assert celery_app.app.conf.broker_transport_options["visibility_timeout"] == 2
+    epochs = 24
+    job = enqueue_new(slow_spec(epochs=epochs))
+    workers = [start_worker(), start_worker()]
+    done = wait_terminal(job.job_id, *workers, timeout=60)
+    assert done.status == "succeeded" and done.attempt == 1, done.failure_message
+    assert statuses(job.job_id) == ["queued", "running", "succeeded"]
+    assert_one_point_per_step(job.job_id, epochs)
+    assert {e.attempt for e in events(job.job_id)} == {0, 1}
+    logs = "".join(w.log(tail=None) for w in workers)
+    assert "not claimable" in logs, "the message was never delivered again: the test proves nothing"
