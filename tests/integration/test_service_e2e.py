@@ -212,8 +212,10 @@ def test_job_submitted_through_the_queue_runs_like_http(svc):
     broker = svc.env.get("TRICKSERVE_BROKER_URL", "filesystem://")
     sender = Celery(broker=broker)
     if broker.startswith("filesystem"):
-        folder = str(Path(svc.env["TRICKSERVE_HOME"]) / "broker" / "queue")
-        sender.conf.broker_transport_options = {"data_folder_in": folder, "data_folder_out": folder}
+        broker_dir = Path(svc.env["TRICKSERVE_HOME"]) / "broker"
+        folder = str(broker_dir / "queue")
+        sender.conf.broker_transport_options = {"data_folder_in": folder, "data_folder_out": folder,
+                                                "control_folder": str(broker_dir / "control")}
     body = {**spec(), "name": "from-the-queue"}
     sender.send_task("trickserve.submit_job", kwargs={"spec": body, "idempotency_key": "q-1", "tenant": "e2e"})
     with svc.client() as c:
