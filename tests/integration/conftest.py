@@ -3,6 +3,7 @@ PostgreSQL + Redis), a private redis-server that a test may stop and restart, an
 
 from __future__ import annotations
 
+import json
 import os
 import random
 import secrets
@@ -11,6 +12,8 @@ import signal
 import socket
 import subprocess
 import sys
+import threading
+import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -323,3 +326,38 @@ def sse_events(client: httpx.Client, job_id: str, last_event_id: str | None = No
             elif not line.startswith(":"):
                 field, _, value = line.partition(":")
                 message[field] = value[1:] if value.startswith(" ") else value
+
+
+class Follower(threading.Thread):
+    """A client of a job's event stream that reconnects with Last-Event-ID whenever the stream breaks or the API is
+    away, until the `end` event; keeps every event id it received, in order."""
+
+    def __init__(self, api: ApiServer, job_id: str, timeout: float = 120.0):
+        super().__init__(daemon=True)
+        self.api, self.job_id, self.timeout = api, job_id, timeout
+        self.ids: list[int] = []
+        self.end: str | None = None
+        self.connects = 0
+        self.errors: list[str] = []
+
+    def run(self) -> None:
+        deadline = time.monotonic() + self.timeout
+        last: str | None = None
+        with self.api.client() as client:
+            while self.end is None and time.monotonic() < deadline:
+                try:
+                    self.connects += 1
+                    for message in sse_events(client, self.job_id, last):
+                        if message.get("event") == "end":
+                            self.end = json.loads(message["data"])["status"]
+                            return
+                        self.ids.append(int(message["id"]))
+                        last = message["id"]
+                except (httpx.HTTPError, AssertionError) as exc:  # the API is away, or answered while stopping
+                    self.errors.append(f"{type(exc).__name__}: {exc}")
+                    time.sleep(0.1)
+
+    def result(self) -> tuple[str | None, list[int]]:
+        self.join(self.timeout)
+        assert not self.is_alive(), "the event stream never ended"
+        return self.end, self.ids

@@ -10,17 +10,23 @@ import signal
 import sqlite3
 import time
 from collections import Counter
+from collections.abc import Iterator
+from pathlib import Path
 
 import pytest
 import sqlalchemy as sa
 import torch
 
 from core.config import Settings, get_settings
-from core.db import get_engine, reset_engine, session_scope
+from core.db import get_engine, init_db, reset_engine, session_scope
 from core.engine.checkpoint import load_model_file
 from core.models import Artifact, JobEvent, JobTransition
+from tests.conftest import _new_postgres_database
 from tests.integration.conftest import (
+    Follower,
+    OwnRedis,
     Worker,
+    configure,
     enqueue_new,
     running_pid,
     wait_terminal,
@@ -30,6 +36,7 @@ from worker import celery_app, faults
 
 pytestmark = pytest.mark.integration
 METRICS = ("progress", "epoch_end", "test")
+OUTAGE_S = 4.0  # long enough for the worker's reconnect back-off (2 s, then 4 s) to come into play
 
 
 # ------------------------------------------------------------------------------------------- helpers
@@ -247,3 +254,95 @@ def test_job_outliving_the_redis_visibility_timeout_runs_exactly_once(production
     assert {e.attempt for e in events(job.job_id)} == {0, 1}
     logs = "".join(w.log(tail=None) for w in workers)
     assert "not claimable" in logs, "the message was never delivered again: the test proves nothing"
+
+
+# ---------------------------------------------------------------------------------------- 5. Redis outage
+
+
+@pytest.fixture
+def own_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Settings, OwnRedis]]:
+    """Production mode on a redis-server of the test's own (broker and notifications), which it may stop."""
+    server = OwnRedis(tmp_path / "redis.log")
+    try:
+        with _new_postgres_database() as database_url:
+            init_db(database_url)
+            yield configure(monkeypatch, tmp_path / "home", database_url, server.url, server.url), server
+            reset_engine()
+    finally:
+        server.stop()
+
+
+def test_redis_outage_mid_job_loses_and_duplicates_nothing(own_redis, start_worker, start_api):
+    """§8.11: Redis (broker and notifications) is killed while a job trains and comes back empty. The job finishes
+    (continuing, or resumed from its checkpoint), its metrics have one point per step, polling answers throughout,
+    the event stream falls back to database polling and ends; a job submitted meanwhile is stored (201,
+    undispatched) and runs once Redis is back, once."""
+    settings, server = own_redis
+    epochs = 40
+    worker = start_worker()
+    api = start_api(settings)
+    with api.client() as client:
+        response = client.post("/v1/jobs", json=slow_spec(epochs=epochs))
+        assert response.status_code == 201, response.text
+        job_id = response.json()["id"]
+        assert load(job_id).dispatched_at is not None
+        stream = Follower(api, job_id)
+        stream.start()
+        wait_for(lambda: checkpoint_after(job_id), timeout=30, what="the first checkpoint")
+
+        server.stop()
+        stopped, streamed = time.monotonic(), len(stream.ids)
+        down_at = max(e.step for e in events(job_id, "epoch_end"))
+        later = client.post("/v1/jobs", json=make_spec(name="while-redis-is-down"))
+        assert later.status_code == 201, later.text
+        later_id = later.json()["id"]
+        assert load(later_id).dispatched_at is None and load(later_id).status == "queued"
+        # Training goes on without Redis, and polling answers from the database.
+        wait_for(lambda: max(e.step for e in events(job_id, "epoch_end")) > down_at, what="an epoch while down")
+        assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
+        assert client.get(f"/v1/jobs/{job_id}/metrics", params={"limit": 1000}).json()["items"]
+        time.sleep(max(0.0, stopped + OUTAGE_S - time.monotonic()))
+        assert len(stream.ids) > streamed  # the stream kept going on database polling
+        assert load(job_id).status == "running"
+        server.start()
+
+        done = wait_terminal(job_id, worker, timeout=60)
+        assert done.status == "succeeded", done.failure_message
+        assert wait_terminal(later_id, worker, timeout=60).status == "succeeded"
+        polled = client.get(f"/v1/jobs/{job_id}/metrics", params={"limit": 1000}).json()["items"]
+    assert statuses(later_id) == ["queued", "running", "succeeded"] and load(later_id).attempt == 1
+    # Continued (attempt 1), or resumed once from its checkpoint: never two attempts at the same time.
+    expected = [["queued", "running", "succeeded"], ["queued", "running", "queued", "running", "succeeded"]]
+    assert statuses(job_id) == expected[done.attempt - 1]
+    everything = assert_one_point_per_step(job_id, epochs)
+    points = Counter((p["name"], p["step"]) for p in polled)
+    assert points and max(points.values()) == 1
+    end, received = stream.result()
+    assert end == "succeeded" and len(received) == len(set(received))
+    assert {e.job_event_id for e in everything} <= set(received)
+
+
+# ----------------------------------------------------------------------------- 6. SSE across API restarts
+
+
+def test_event_stream_resumes_across_api_restarts_without_gap_or_repeat(embedded, start_worker, start_api):
+    """§8.10: the API process is stopped (SIGTERM, then SIGKILL) and started again on the same port while a job
+    runs; a client reconnecting with Last-Event-ID receives every event of the job exactly once."""
+    worker = start_worker()
+    api = start_api(embedded)
+    job = enqueue_new(slow_spec(epochs=24))
+    stream = Follower(api, job.job_id)
+    stream.start()
+    for sig in (signal.SIGTERM, signal.SIGKILL):
+        wait_for(lambda: checkpoint_after(job.job_id), timeout=30, what="the job to run")
+        seen = len(stream.ids)
+        wait_for(lambda: len(stream.ids) > seen + 3, what="events on the stream")  # noqa: B023
+        api.stop(sig)
+        time.sleep(1.0)  # the job goes on emitting while no API runs
+        api.start()
+    done = wait_terminal(job.job_id, worker, timeout=60)
+    assert done.status == "succeeded" and done.attempt == 1, done.failure_message
+    end, received = stream.result()
+    assert end == "succeeded" and stream.connects >= 3, stream.errors
+    assert len(received) == len(set(received))
+    assert received == sorted(received) == [e.job_event_id for e in events(job.job_id)]
