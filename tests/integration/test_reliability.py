@@ -5,9 +5,14 @@ a resume. Every test checks the database, the source of truth: job status, attem
 
 from __future__ import annotations
 
+import json
 import os
+import shutil
 import signal
 import sqlite3
+import subprocess
+import sys
+import threading
 import time
 from collections import Counter
 from collections.abc import Iterator
@@ -17,12 +22,18 @@ import pytest
 import sqlalchemy as sa
 import torch
 
+from api.supervisor import WorkerPool, worker_argv
+from core import jobs
 from core.config import Settings, get_settings
 from core.db import get_engine, init_db, reset_engine, session_scope
-from core.engine.checkpoint import load_model_file
-from core.models import Artifact, JobEvent, JobTransition
+from core.engine import Callback, Recorder, StopFlag, train
+from core.engine.callbacks import RunContext
+from core.engine.checkpoint import load_checkpoint, load_model_file
+from core.models import Artifact, Job, JobEvent, JobTransition
+from core.spec import JobSpec
 from tests.conftest import _new_postgres_database
 from tests.integration.conftest import (
+    REPO,
     Follower,
     OwnRedis,
     Worker,
@@ -31,8 +42,8 @@ from tests.integration.conftest import (
     running_pid,
     wait_terminal,
 )
-from tests.worker.conftest import events, load, make_spec, slow_spec, statuses, wait_for
-from worker import celery_app, faults
+from tests.worker.conftest import events, load, make_spec, slow_spec, statuses, submit, wait_for
+from worker import celery_app, faults, reaper
 
 pytestmark = pytest.mark.integration
 METRICS = ("progress", "epoch_end", "test")
@@ -346,3 +357,273 @@ def test_event_stream_resumes_across_api_restarts_without_gap_or_repeat(embedded
     assert end == "succeeded" and stream.connects >= 3, stream.errors
     assert len(received) == len(set(received))
     assert received == sorted(received) == [e.job_event_id for e in events(job.job_id)]
+
+
+# ------------------------------------------------------------------------ 7. early stopping across a resume
+
+PATIENCE = 3
+
+
+def stopping_spec() -> dict:
+    """Validation loss improves for a few epochs, then stops improving: early stopping ends the run (deterministic
+    on the CPU for a seed)."""
+    stopping = {"monitor": "val/loss", "patience": PATIENCE, "restore_best_weights": True}
+    return make_spec(optim={"lr": 0.01}, train={"epochs": 40, "early_stopping": stopping})
+
+
+class CopyCheckpointAt(Callback):
+    """Keeps a copy of the checkpoint written at the end of `epoch`: what a worker killed right after it leaves."""
+
+    def __init__(self, epoch: int, to: Path):
+        self.epoch, self.to = epoch, to
+
+    def on_checkpoint(self, ctx: RunContext, path: str) -> None:
+        if ctx.epoch == self.epoch and not ctx.should_stop:
+            shutil.copyfile(path, self.to)
+
+
+class StopAfterEpoch(Callback):
+    """Sets a stop flag at the end of `epoch` (as a cancel request would): the run stops at the next step."""
+
+    def __init__(self, flag: StopFlag, epoch: int):
+        self.flag, self.epoch = flag, epoch
+
+    def on_epoch_end(self, ctx: RunContext, logs: dict) -> None:
+        if ctx.epoch == self.epoch:
+            self.flag.set()
+
+
+def _without_times(history: list[dict]) -> list[dict]:
+    return [{k: v for k, v in h.items() if k != "epoch_time_s"} for h in history]
+
+
+@pytest.mark.parametrize("cut", ["killed after the checkpoint", "stopped mid-epoch"])
+def test_early_stopping_patience_survives_a_resume(tmp_path: Path, cut: str):
+    """§8.7 (engine): interrupted after PATIENCE-1 non-improving epochs, the resumed run stops after exactly one
+    more, at the same epoch as an uninterrupted run, with the same best epoch and the same restored weights."""
+    spec = JobSpec.model_validate(stopping_spec())
+    full_rec = Recorder()
+    full = train(spec, [full_rec], out_dir=tmp_path / "full")
+    assert full.status == "early_stopped" and full.epochs_run - full.best_epoch == PATIENCE
+    cut_epoch = full.epochs_run - 1  # PATIENCE - 1 evaluations without improvement so far
+    saved = tmp_path / "kept.pt"
+    if cut == "killed after the checkpoint":
+        train(spec, [CopyCheckpointAt(cut_epoch, saved)], out_dir=tmp_path / "cut")
+    else:
+        flag = StopFlag()
+        cancelled = train(spec, [StopAfterEpoch(flag, cut_epoch), flag], out_dir=tmp_path / "cut")
+        assert cancelled.status == "cancelled" and cancelled.epochs_run == cut_epoch
+        shutil.copyfile(tmp_path / "cut" / "checkpoint.pt", saved)
+    assert load_checkpoint(saved)["epoch"] == cut_epoch
+
+    rec = Recorder()
+    resumed = train(spec, [rec], resume_from=saved, out_dir=tmp_path / "resumed")
+    assert resumed.status == "early_stopped" and resumed.stop_reason == "early_stop"
+    assert [e.epoch for e in rec.events if e.kind == "epoch_end"] == [full.epochs_run]  # exactly one more
+    [stop] = [e.data for e in rec.events if e.kind == "early_stop"]
+    [full_stop] = [e.data for e in full_rec.events if e.kind == "early_stop"]
+    assert stop == full_stop and stop["wait"] == PATIENCE and stop["best_epoch"] == full.best_epoch
+    assert resumed.best_epoch == full.best_epoch and _without_times(resumed.history) == _without_times(full.history)
+    for name, tensor in full.model.state_dict().items():  # the best weights, restored
+        assert torch.equal(tensor, resumed.model.state_dict()[name]), name
+
+
+def test_early_stopped_job_killed_mid_patience_resumes_and_stops_on_time(embedded, start_worker):
+    """§8.7 (service): a worker killed one step after the checkpoint of epoch E-1 (PATIENCE-1 epochs without
+    improvement); attempt 2 trains exactly epoch E and the job ends early_stopped at the uninterrupted epoch."""
+    threads = torch.get_num_threads()
+    torch.set_num_threads(1)  # as the worker (OMP_NUM_THREADS=1): the same numbers, so the same stopping epoch
+    try:
+        full = train(JobSpec.model_validate(stopping_spec()))
+    finally:
+        torch.set_num_threads(threads)
+    stop_epoch, steps = full.epochs_run, full.info["steps_per_epoch"]
+    job = enqueue_new(stopping_spec())
+    crash_at = f"step:{(stop_epoch - 1) * steps + 1}"
+    worker = start_worker(**{faults.JOB_VAR: job.job_id, faults.AT_VAR: crash_at, faults.ATTEMPTS_VAR: "1"})
+    done = wait_terminal(job.job_id, worker, timeout=40)
+    assert done.status == "early_stopped" and done.stop_reason == "early_stop" and done.attempt == 2
+    everything = assert_one_point_per_step(job.job_id, stop_epoch)
+    assert [e.epoch for e in everything if e.kind == "epoch_end" and e.attempt == 2] == [stop_epoch]
+    [stop] = [e for e in everything if e.kind == "early_stop"]
+    assert stop.attempt == 2 and stop.data["wait"] == PATIENCE and stop.data["best_epoch"] == full.best_epoch
+    assert done.best_metrics["epoch"] == full.best_epoch
+    assert_resumed_once(job.job_id, (stop_epoch - 1) * steps, everything)
+
+
+# ------------------------------------------------------------------------------ 8. SQLite write contention
+
+CONTENTION_S = 10.0
+BATCH = 20
+_OTHER_PROCESS = """
+import json, sys, time
+from api.supervisor import WorkerPool, worker_argv
+from core import jobs
+from core.db import session_scope
+job_id, attempt, seconds, size = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
+written, errors, step, deadline = 0, [], 0, time.monotonic() + seconds
+while time.monotonic() < deadline:
+    batch = [{"kind": "progress", "step": step + i, "data": {"train/loss": 1.0}} for i in range(size)]
+    try:
+        with session_scope() as session:
+            assert jobs.record_events(session=session, job_id=job_id, attempt=attempt, events=batch)
+            jobs.heartbeat(session=session, job_id=job_id, attempt=attempt, lease_s=600)
+        written, step = written + len(batch), step + len(batch)
+    except Exception as exc:
+        errors.append(repr(exc))
+print(json.dumps({"written": written, "errors": errors}))
+"""
+
+
+def test_sqlite_takes_eight_concurrent_writers_without_database_is_locked(embedded, monkeypatch):
+    """§8.12: event batches, heartbeats, job submissions and reaper sweeps from threads and a second process at
+    once for CONTENTION_S: no "database is locked" (or any) error, and every row written is there."""
+    monkeypatch.setattr(reaper, "send_run_job", lambda job_id, queue: None)  # the sweep's sends: no broker here
+    claims = []
+    for _ in range(4):
+        job = submit(make_spec())
+        with session_scope() as session:
+            claims.append(jobs.claim_job(session=session, job_id=job.job_id, worker_id="t", lease_s=600))
+    written: Counter[str] = Counter()
+    errors: list[str] = []
+    deadline = time.monotonic() + CONTENTION_S
+
+    def loop(name: str, write) -> None:
+        n = 0
+        while time.monotonic() < deadline:
+            try:
+                write(n)
+                written[name] += 1
+                n += 1
+            except Exception as exc:  # noqa: BLE001 - every error is a failure of this test
+                errors.append(f"{name}: {exc!r}")
+
+    def events_of(claim):
+        def write(n: int) -> None:
+            batch = [{"kind": "progress", "step": n * BATCH + i, "data": {"train/loss": 1.0}} for i in range(BATCH)]
+            with session_scope() as session:
+                assert jobs.record_events(session=session, job_id=claim.job_id, attempt=claim.attempt, events=batch)
+
+        return write
+
+    def beats(n: int) -> None:
+        with session_scope() as session:
+            for claim in claims[:3]:
+                assert jobs.heartbeat(session=session, job_id=claim.job_id, attempt=claim.attempt, lease_s=600).alive
+
+    def creates(n: int) -> None:
+        submit(make_spec(name=f"contention-{n}"))
+
+    def sweeps(n: int) -> None:
+        reaper.sweep(embedded)
+        with session_scope(read_only=True) as session:
+            jobs.list_events(session, claims[0].job_id, after=0, limit=200)
+
+    other = subprocess.Popen(
+        [sys.executable, "-c", _OTHER_PROCESS, claims[3].job_id, str(claims[3].attempt), str(CONTENTION_S), str(BATCH)],
+        cwd=REPO, stdout=subprocess.PIPE, stderr=subprocess.PIPE, text=True, env=os.environ,
+    )  # fmt: skip
+    threads = [threading.Thread(target=loop, args=(f"events-{i}", events_of(claims[i]))) for i in range(3)]
+    threads += [threading.Thread(target=loop, args=args) for args in [("beats", beats), ("creates", creates),
+                                                                      ("sweeps", sweeps)]]  # fmt: skip
+    for thread in threads:
+        thread.start()
+    for thread in threads:
+        thread.join()
+    out, err = other.communicate(timeout=60)
+    assert other.returncode == 0, err[-3000:]
+    report = json.loads(out.strip().splitlines()[-1])
+    assert errors == [] and report["errors"] == []
+    assert min(written.values()) > 5 and report["written"] > 5 * BATCH  # everyone got the lock many times
+    for i in range(3):
+        assert len(events(claims[i].job_id, "progress")) == written[f"events-{i}"] * BATCH
+    assert len(events(claims[3].job_id, "progress")) == report["written"]
+    with session_scope(read_only=True) as session:
+        created = session.scalar(sa.select(sa.func.count()).select_from(Job).where(Job.name.like("contention-%")))
+    assert created == written["creates"]
+
+
+# ---------------------------------------------------------------------- 9. crash during a checkpoint write
+
+_SAVE_AND_DIE = """
+import os, signal, sys
+import torch
+from core.engine import checkpoint
+
+path, point = sys.argv[1], sys.argv[2]
+state = checkpoint.load_checkpoint(path)
+state["step"] += 1000
+state["ballast"] = torch.ones(8 << 20)  # 32 MiB: many writes
+state.pop("format"), state.pop("code_version")
+
+
+class DiesMidWrite:
+    def __init__(self, f):
+        self.f, self.written = f, 0
+
+    def write(self, data):
+        if self.written + len(data) > (4 << 20):  # the ballast: half of it reaches the file, then the process dies
+            self.f.write(memoryview(data)[: len(data) // 2])
+            self.f.flush()
+            os.kill(os.getpid(), signal.SIGKILL)
+        self.written += len(data)
+        return self.f.write(data)
+
+    def flush(self):
+        self.f.flush()
+
+
+if point == "mid-write":
+    real_save = torch.save
+    checkpoint.torch.save = lambda obj, f, **kw: real_save(obj, DiesMidWrite(f), **kw)
+else:  # written and synced, not yet renamed
+    checkpoint.os.replace = lambda *a: os.kill(os.getpid(), signal.SIGKILL)
+checkpoint.save_checkpoint(path, state)
+print("survived")
+"""
+
+
+@pytest.mark.parametrize("point", ["mid-write", "before rename"])
+def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path: Path, point: str):
+    """§8.4: a process SIGKILLed while it writes a checkpoint (or after writing, before the rename) leaves the
+    previous checkpoint whole at the final path, and training resumes from its step."""
+    spec = JobSpec.model_validate(make_spec(train={"epochs": 3}))
+    train(spec, out_dir=tmp_path)
+    path = tmp_path / "checkpoint.pt"
+    before, size = load_checkpoint(path)["step"], path.stat().st_size
+    crashed = subprocess.run([sys.executable, "-c", _SAVE_AND_DIE, str(path), point], cwd=REPO, capture_output=True,
+                             text=True, timeout=120)  # fmt: skip
+    assert crashed.returncode == -signal.SIGKILL, crashed.stdout + crashed.stderr[-3000:]
+    leftovers = [p for p in tmp_path.iterdir() if p.name.startswith(".ckpt-")]
+    assert leftovers and leftovers[0].stat().st_size > (4 << 20)  # it died inside the write of a big file...
+    assert path.stat().st_size == size and load_checkpoint(path)["step"] == before  # ...the final path is intact
+    rec = Recorder()
+    spec = JobSpec.model_validate(make_spec(train={"epochs": 5}))
+    resumed = train(spec, [rec], resume_from=path, out_dir=tmp_path / "resumed")
+    assert rec.events[0].kind == "resumed" and rec.events[0].data["from_step"] == before
+    assert resumed.status == "succeeded" and resumed.epochs_run == 5
+
+
+# ------------------------------------------------------------------- 10. `trickserve up` restarts its workers
+
+
+def test_worker_pool_restarts_a_killed_worker_which_resumes_the_job_and_runs_later_ones(embedded):
+    """§8.1 under `trickserve up`: the WorkerPool replaces a worker killed with SIGKILL (whole process group); the
+    new worker resumes the lost job from its checkpoint and runs the next job."""
+    pool = WorkerPool([worker_argv("cpu,gpu", 1, f"pool-{os.getpid()}")])
+    pool.start()
+    try:
+        job = enqueue_new(slow_spec(epochs=10))
+        wait_for(lambda: checkpoint_after(job.job_id), timeout=30, what="the first checkpoint")
+        first = pool.procs[0]
+        os.killpg(first.pid, signal.SIGKILL)
+        first.wait()
+        wait_for(lambda: pool.procs[0] is not first and pool.procs[0].poll() is None, timeout=15, what="a new worker")
+        done = wait_terminal(job.job_id, timeout=40)
+        assert done.status == "succeeded" and done.attempt == 2, done.failure_message
+        later = enqueue_new(make_spec())
+        assert wait_terminal(later.job_id, timeout=30).status == "succeeded"
+        assert pool.restarts == [1] and pool.procs[0].poll() is None
+    finally:
+        pool.stop()
+    assert pool.procs[0].poll() is not None  # stopped with the pool
