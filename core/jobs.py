@@ -330,7 +330,9 @@ def requeue_expired(*, session: Session, now: datetime | None = None) -> list[st
     with _committing(session):
         candidates = session.scalars(select(Job.job_id).where(Job.status.in_(ACTIVE), expired).order_by(Job.job_id))
         for job_id in list(candidates):
-            job = _locked(session, job_id)
+            # SKIP LOCKED (PostgreSQL): a row some transaction holds is left to the next sweep. Waiting for it would
+            # let one frozen process (paused inside a transaction) stall the sweep of every job, in every worker.
+            job = _locked(session, job_id, skip_locked=True)
             # Checked again under the lock: a heartbeat may have renewed the lease since the SELECT.
             if job is not None and job.status in ACTIVE and _lease_expired(job, now):
                 if _settle_expired(session, job, now):
@@ -440,10 +442,12 @@ def _committing(session: Session) -> Iterator[None]:
     session.commit()
 
 
-def _locked(session: Session, job_id: str) -> Job | None:
+def _locked(session: Session, job_id: str, *, skip_locked: bool = False) -> Job | None:
     # FOR UPDATE serialises the writers of one job on PostgreSQL (SQLite's BEGIN IMMEDIATE serialises all
     # writers); it also makes one job's event ids commit in increasing order, so a cursor never skips one.
-    return session.get(Job, job_id, with_for_update=True, populate_existing=True)
+    # skip_locked: None instead of waiting when another transaction holds the row.
+    lock = {"skip_locked": True} if skip_locked else True
+    return session.get(Job, job_id, with_for_update=lock, populate_existing=True)
 
 
 def _fenced(session: Session, job_id: str, attempt: int) -> Job | None:
