@@ -627,3 +627,21 @@ def test_worker_pool_restarts_a_killed_worker_which_resumes_the_job_and_runs_lat
     finally:
         pool.stop()
     assert pool.procs[0].poll() is not None  # stopped with the pool
+
+
+def test_a_job_row_locked_by_a_frozen_transaction_does_not_stall_the_reaper(production, start_worker):
+    """§8.3, the worse pause: a worker frozen inside a transaction keeps its job's row locked (PostgreSQL waits
+    for it without limit). The reaper must still re-queue the other lost jobs (and the worker keep forking for
+    them); the frozen job is settled once its lock goes."""
+    frozen, lost = submit(make_spec()), submit(make_spec())
+    with session_scope() as session:
+        for job in (frozen, lost):  # both claimed by workers that vanished: their leases are long expired
+            assert jobs.claim_job(session=session, job_id=job.job_id, worker_id="gone/1", lease_s=0.01)
+    with get_engine().connect() as holder:
+        holder.exec_driver_sql("SELECT 1 FROM job WHERE job_id = %(id)s FOR UPDATE", {"id": frozen.job_id})
+        worker = start_worker()
+        assert wait_terminal(lost.job_id, worker, timeout=30).status == "succeeded"
+        assert load(frozen.job_id).status == "running"  # untouchable while the lock is held
+        holder.rollback()
+    done = wait_terminal(frozen.job_id, worker, timeout=30)
+    assert done.status == "succeeded" and done.attempt == 2
