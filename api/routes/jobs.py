@@ -34,7 +34,8 @@ IdempotencyKey = Annotated[
     str | None,
     Header(
         max_length=255,
-        description="retrying with the same key and body returns the first job (200); another body is refused (422)",
+        description="retrying with the same key and body returns the first job (200); another body is refused "
+        "(422). Keys are per tenant and kept as long as the job they made (never expired, so at least 24 h)",
     ),
 ]
 
