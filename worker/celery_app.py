@@ -44,6 +44,7 @@ RUN_TASK, SUBMIT_TASK, REAP_TASK = "trickserve.run_job", "trickserve.submit_job"
 RESTORE_SWEEP_S = 100
 FILESYSTEM_POLL_S = 0.1  # the filesystem broker polls its folder; its default (1 s) adds a second per message
 CONNECT_TIMEOUT_S = 1.0
+WORKER_LOST_WAIT_S = 1.0
 SOCKET_TIMEOUT_S = 5.0  # above kombu's 1 s BRPOP wait, so that an idle worker's poll never times out
 # Publishing gives up within a few seconds: the API must answer, and the outbox sends the job later anyway.
 PUBLISH_RETRY = {"max_retries": 2, "interval_start": 0.0, "interval_step": 0.25, "interval_max": 0.5}
@@ -105,6 +106,10 @@ def create_app(settings: Settings) -> Celery:
         worker_concurrency=1,
         worker_pool="prefork",
         worker_max_tasks_per_child=1,
+        # After a pool process dies (OOM killer, segfault) the worker waits this long for a result it might have
+        # sent before reporting WorkerLostError, and takes no job meanwhile (default 10 s). Results are ignored and
+        # the message is acked either way; the job's fate is in the database.
+        worker_lost_wait=WORKER_LOST_WAIT_S,
         # With acks_late a connection blip would otherwise make Celery cancel the running training job; the
         # redelivered message is dropped by the claim instead, and the job keeps running.
         worker_cancel_long_running_tasks_on_connection_loss=False,
