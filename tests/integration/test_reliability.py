@@ -113,7 +113,10 @@ def test_killed_worker_job_resumes_from_its_checkpoint_on_a_new_process(service,
     else:
         first.kill()
         workers = [start_worker()]
-    checkpoint_step = load(job.job_id).checkpoint_step  # the pointer attempt 2 resumes from
+    killed_at, checkpoint_step = time.monotonic(), load(job.job_id).checkpoint_step  # attempt 2 resumes from it
+    if target == "pool child":  # the worker lives on: the job is back within the lease plus a sweep (and slack)
+        wait_for(lambda: load(job.job_id).attempt == 2, timeout=30, what="attempt 2")
+        assert time.monotonic() - killed_at < service.lease_s + service.reaper_interval_s + 3
     done = wait_terminal(job.job_id, *workers, timeout=40)
     assert done.status == "succeeded" and done.attempt == 2, done.failure_message
     assert statuses(job.job_id) == ["queued", "running", "queued", "running", "succeeded"]
@@ -607,25 +610,41 @@ def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_p
 # ------------------------------------------------------------------- 10. `trickserve up` restarts its workers
 
 
+def _gone(pid: int) -> bool:
+    try:
+        os.kill(pid, 0)
+    except ProcessLookupError:
+        return True
+    return Path(f"/proc/{pid}/stat").read_text().split()[2] == "Z"  # a zombie: dead, not yet reaped
+
+
 def test_worker_pool_restarts_a_killed_worker_which_resumes_the_job_and_runs_later_ones(embedded):
-    """§8.1 under `trickserve up`: the WorkerPool replaces a worker killed with SIGKILL (whole process group); the
-    new worker resumes the lost job from its checkpoint and runs the next job."""
+    """§8.1 under `trickserve up`: the WorkerPool replaces a worker whose main process is killed with SIGKILL. Its
+    pool child dies with it (no orphan keeps training), the new worker resumes the job from its checkpoint, and
+    runs the next job."""
     pool = WorkerPool([worker_argv("cpu,gpu", 1, f"pool-{os.getpid()}")])
     pool.start()
+    first = pool.procs[0]
     try:
         job = enqueue_new(slow_spec(epochs=10))
         wait_for(lambda: checkpoint_after(job.job_id), timeout=30, what="the first checkpoint")
-        first = pool.procs[0]
-        os.killpg(first.pid, signal.SIGKILL)
+        child = running_pid(job.job_id)
+        os.kill(first.pid, signal.SIGKILL)  # the process `trickserve up` started, alone
         first.wait()
+        wait_for(lambda: _gone(child), timeout=10, what="the orphaned pool child to die")
         wait_for(lambda: pool.procs[0] is not first and pool.procs[0].poll() is None, timeout=15, what="a new worker")
         done = wait_terminal(job.job_id, timeout=40)
         assert done.status == "succeeded" and done.attempt == 2, done.failure_message
+        assert_one_point_per_step(job.job_id, 10)
         later = enqueue_new(make_spec())
         assert wait_terminal(later.job_id, timeout=30).status == "succeeded"
         assert pool.restarts == [1] and pool.procs[0].poll() is None
     finally:
         pool.stop()
+        try:
+            os.killpg(first.pid, signal.SIGKILL)  # whatever is left of the first worker's process group
+        except ProcessLookupError:
+            pass
     assert pool.procs[0].poll() is not None  # stopped with the pool
 
 
