@@ -280,7 +280,10 @@ def own_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple
     try:
         with _new_postgres_database() as database_url:
             init_db(database_url)
-            yield configure(monkeypatch, tmp_path / "home", database_url, server.url, server.url), server
+            # A message Redis loses in a restart is sent again after REDISPATCH_AFTER_S (the outbox's second chance).
+            settings = configure(monkeypatch, tmp_path / "home", database_url, server.url, server.url,
+                                 REDISPATCH_AFTER_S="4")  # fmt: skip
+            yield settings, server
             reset_engine()
     finally:
         server.stop()
@@ -290,7 +293,7 @@ def test_redis_outage_mid_job_loses_and_duplicates_nothing(own_redis, start_work
     """§8.11: Redis (broker and notifications) is killed while a job trains and comes back empty. The job finishes
     (continuing, or resumed from its checkpoint), its metrics have one point per step, polling answers throughout,
     the event stream falls back to database polling and ends; a job submitted meanwhile is stored (201,
-    undispatched) and runs once Redis is back, once."""
+    undispatched) and runs once Redis is back, once; so does a job whose message Redis lost."""
     settings, server = own_redis
     epochs = 40
     worker = start_worker()
@@ -303,6 +306,9 @@ def test_redis_outage_mid_job_loses_and_duplicates_nothing(own_redis, start_work
         stream = Follower(api, job_id)
         stream.start()
         wait_for(lambda: checkpoint_after(job_id), timeout=30, what="the first checkpoint")
+        # Sent while the only worker process trains: its message waits in Redis, and goes down with it.
+        waiting = client.post("/v1/jobs", json=make_spec(name="waiting-in-redis"))
+        assert waiting.status_code == 201 and load(waiting.json()["id"]).dispatched_at is not None
 
         server.stop()
         stopped, streamed = time.monotonic(), len(stream.ids)
@@ -322,9 +328,12 @@ def test_redis_outage_mid_job_loses_and_duplicates_nothing(own_redis, start_work
 
         done = wait_terminal(job_id, worker, timeout=60)
         assert done.status == "succeeded", done.failure_message
-        assert wait_terminal(later_id, worker, timeout=60).status == "succeeded"
+        for other in (later_id, waiting.json()["id"]):
+            assert wait_terminal(other, worker, timeout=60).status == "succeeded"
+            assert statuses(other) == ["queued", "running", "succeeded"] and load(other).attempt == 1
+        resent = [line for line in worker.log(tail=None).splitlines() if "reaper:" in line and "dispatched" in line]
+        assert any(waiting.json()["id"] in line for line in resent)  # Redis came back empty: the outbox sent it again
         polled = client.get(f"/v1/jobs/{job_id}/metrics", params={"limit": 1000}).json()["items"]
-    assert statuses(later_id) == ["queued", "running", "succeeded"] and load(later_id).attempt == 1
     # Continued (attempt 1), or resumed once from its checkpoint: never two attempts at the same time.
     expected = [["queued", "running", "succeeded"], ["queued", "running", "queued", "running", "succeeded"]]
     assert statuses(job_id) == expected[done.attempt - 1]
