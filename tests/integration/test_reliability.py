@@ -42,7 +42,7 @@ from tests.integration.conftest import (
     running_pid,
     wait_terminal,
 )
-from tests.worker.conftest import events, load, make_spec, slow_spec, statuses, submit, wait_for
+from tests.worker.conftest import TENANT, events, load, make_spec, slow_spec, statuses, submit, wait_for
 from worker import celery_app, faults, reaper
 
 pytestmark = pytest.mark.integration
@@ -158,6 +158,22 @@ def test_job_that_kills_its_worker_every_time_fails_as_worker_lost_and_others_ru
     time.sleep(2)  # a few sweeps later nothing moved: no redelivery brought it back
     assert load(poison.job_id).attempt == 2 and len(statuses(poison.job_id)) == 5
     assert worker.proc.poll() is None  # only the pool children died
+
+
+def test_job_cancelled_while_its_worker_is_dead_is_never_retried(embedded, start_worker):
+    """§8.6, between retries: the cancel arrives while the job's process is dead and its lease runs out; the
+    reaper ends it cancelled instead of retrying it, and the next job runs."""
+    job = enqueue_new(slow_spec(epochs=10))
+    worker = start_worker(**{faults.JOB_VAR: job.job_id, faults.AT_VAR: "step:50", faults.ATTEMPTS_VAR: "1"})
+    wait_for(lambda: "exited with 'signal 9" in worker.log(tail=None), timeout=30, what="the pool child to die")
+    with session_scope() as session:
+        jobs.request_cancel(session=session, job_id=job.job_id, tenant_id=TENANT)
+    next_job = enqueue_new(make_spec())
+    done = wait_terminal(job.job_id, worker)
+    assert done.status == "cancelled" and done.attempt == 1
+    assert statuses(job.job_id) == ["queued", "running", "cancelling", "cancelled"]
+    assert wait_terminal(next_job.job_id, worker).status == "succeeded"
+    assert load(job.job_id).attempt == 1
 
 
 # ------------------------------------------------------------------------------ 3. stale worker fenced
