@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import json
 import os
+import signal
 import socket
 import subprocess
 import sys
@@ -99,13 +100,13 @@ class Service:
         return httpx.Client(base_url=self.url, headers=headers, timeout=httpx.Timeout(30, read=120))
 
     def stop(self) -> None:
-        for p in self.procs:
-            p.terminate()
+        """Kill both process groups: every test has waited for its jobs, and a graceful stop only costs time."""
         for p in self.procs:
             try:
-                p.wait(15)
-            except subprocess.TimeoutExpired:
-                p.kill()
+                os.killpg(p.pid, signal.SIGKILL)
+            except ProcessLookupError:
+                pass
+            p.wait()
 
 
 @pytest.fixture(params=["embedded", "production"])
