@@ -153,6 +153,8 @@ def stream_events(job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
             with client(timeout=httpx.Timeout(30.0, read=120.0)) as c, \
                     c.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as r:
+                if r.status_code == 204:  # resumed after the end: nothing more will come
+                    return
                 if r.status_code >= 400:
                     r.read()
                     _die(r)

@@ -19,6 +19,9 @@ from core.config import get_settings
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
 
+IDLE_IN_TRANSACTION_MS = 60_000  # PostgreSQL ends a transaction idle this long; ours last milliseconds
+
+
 def create_db_engine(url: str | URL | None = None, **kwargs: Any) -> Engine:
     """An engine for `url` (default: settings.database_url); extra keyword arguments go to create_engine."""
     settings = get_settings()
@@ -27,7 +30,10 @@ def create_db_engine(url: str | URL | None = None, **kwargs: Any) -> Engine:
         url = url.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we ship
     if url.get_backend_name() == "sqlite":
         return _sqlite_engine(url, busy_timeout_s=settings.sqlite_busy_timeout_s, **kwargs)
-    return create_engine(url, pool_pre_ping=True, **kwargs)
+    # A process frozen (or killed without its socket closing) inside a transaction would hold its row locks forever.
+    connect_args = {"options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}"}
+    connect_args.update(kwargs.pop("connect_args", {}))
+    return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
 
 
 def _sqlite_engine(url: URL, *, busy_timeout_s: float, **kwargs: Any) -> Engine:

@@ -5,13 +5,15 @@ from __future__ import annotations
 import re
 from typing import Annotated
 
-from fastapi import APIRouter, Header, Query, Request
+from fastapi import APIRouter, Header, Query, Request, Response
+from starlette.concurrency import run_in_threadpool
 
 from api.deps import AUTHENTICATED, JobDep, PageLimitDep, SessionDep, SettingsDep, TenantDep
 from api.errors import ApiError, problem
 from api.schemas import ERRORS, ErrorBody, MetricsPage, metric_points
 from api.streaming import CURSOR_PATTERN, JobEventResponse, event_cursor, job_events
 from core import jobs
+from core.models import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"], dependencies=AUTHENTICATED, responses=ERRORS)
 
@@ -58,6 +60,7 @@ def read_metrics(
     response_class=JobEventResponse,
     responses={
         200: {"content": {"text/event-stream": {}}, "description": "id: event id, event: kind, data: JSON"},
+        204: {"description": "resumed (Last-Event-ID) after the last event of a finished job: stop reconnecting"},
         **INVALID_CURSOR,
         429: {"model": ErrorBody, "description": "too many open streams; see Retry-After"},
     },
@@ -71,16 +74,23 @@ async def stream_events(
     last_event_id: Annotated[
         str | None, Header(description="resume after this event id (wins over `after`)", json_schema_extra=CURSOR)
     ] = None,
-) -> JobEventResponse:
+) -> Response:
     """Server-Sent Events: every event of the job in id order (metrics, progress, status changes, early stop,
     checkpoints, test...) as `id: <event id>`, `event: <kind>`, `data: {kind, step, epoch, attempt, data, at}`,
     with keep-alive comments; `event: end` follows the terminal status and closes the stream. Reconnect with
     Last-Event-ID (or ?after=) to continue without gap or repeat."""
     after_id, resumed = event_cursor(after), event_cursor(last_event_id)  # both checked, whichever is used
     start = resumed if last_event_id else after_id
+    if last_event_id and job.status.is_terminal and not await run_in_threadpool(_has_events, request, job, start):
+        return Response(status_code=204)  # the SSE way to tell a client that reconnects after the end to stop
     give_back = request.app.state.stream_slots.take(tenant)
     stream = job_events(request.app.state.read_sessions, job.job_id, after=start, redis_url=settings.redis_url)
     return JobEventResponse(stream, give_back=give_back, ping=settings.sse_ping_s)
+
+
+def _has_events(request: Request, job: Job, after: int) -> bool:
+    with request.app.state.read_sessions() as session:
+        return bool(jobs.list_events(session, job.job_id, after=after, limit=1))
 
 
 def _names(value: str | None) -> set[str] | None:

@@ -15,6 +15,7 @@ from safetensors.torch import load_file, save_file
 CHECKPOINT_NAME = "checkpoint.pt"
 MODEL_NAME = "model.safetensors"
 FORMAT = 1
+TMP_PREFIX = ".ckpt-"
 
 
 def code_version() -> str:
@@ -30,7 +31,9 @@ def save_checkpoint(path: str | Path, state: dict[str, Any]) -> str:
     path = Path(path)
     path.parent.mkdir(parents=True, exist_ok=True)
     state = {"format": FORMAT, "code_version": code_version(), **state}
-    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=".ckpt-")
+    for stale in path.parent.glob(f"{TMP_PREFIX}*"):  # left by a process killed mid-write; one writer per folder
+        stale.unlink(missing_ok=True)
+    fd, tmp = tempfile.mkstemp(dir=path.parent, prefix=TMP_PREFIX)
     try:
         with os.fdopen(fd, "wb") as f:
             torch.save(state, f)

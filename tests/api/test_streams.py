@@ -204,3 +204,14 @@ def test_redis_wakes_streams_without_waiting_for_a_poll(make_server: Callable[..
             notify.publish(REDIS_URL, job_id)
             assert stream.next_event()["event"] == "epoch_end"
             assert time.monotonic() - started < WAKE_TIMEOUT_S / 2
+
+
+def test_reconnecting_after_the_end_is_told_to_stop_with_204(http: httpx.Client, sessions: sessionmaker[Session]):
+    job_id = submit(http)
+    attempt = claim(sessions, job_id)
+    finish(sessions, job_id, attempt)
+    last = stored_ids(sessions, job_id)[-1]
+    r = http.get(f"/v1/jobs/{job_id}/events", headers={"Last-Event-ID": str(last)})
+    assert r.status_code == 204 and r.content == b""
+    with open_stream(http, job_id, headers={"Last-Event-ID": str(last - 1)}) as stream:  # events remain: replay
+        assert [e["event"] for e in stream.rest()] == ["status", "end"]
