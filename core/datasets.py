@@ -2,16 +2,12 @@
 
 from __future__ import annotations
 
-import base64
-import binascii
-import json
-from datetime import datetime
 from typing import Any
 
 from sqlalchemy import and_, or_, select
 from sqlalchemy.orm import Session
 
-from core.jobs import InvalidCursor
+from core.jobs import decode_cursor, encode_cursor
 from core.models import Dataset
 
 
@@ -56,26 +52,10 @@ def list_datasets(
     """One page of the tenant's datasets, newest first; returns (datasets, next cursor or None on the last page)."""
     query = select(Dataset).where(Dataset.tenant_id == tenant_id)
     if cursor is not None:
-        at, dataset_id = _decode_cursor(cursor)
+        at, dataset_id = decode_cursor(cursor)
         older = or_(Dataset.created_at < at, and_(Dataset.created_at == at, Dataset.dataset_id < dataset_id))
         query = query.where(older)
     rows = list(session.scalars(query.order_by(Dataset.created_at.desc(), Dataset.dataset_id.desc()).limit(limit + 1)))
     if len(rows) <= limit:
         return rows, None
-    return rows[:limit], _encode_cursor(rows[limit - 1])
-
-
-def _encode_cursor(row: Dataset) -> str:
-    raw = json.dumps([row.created_at.isoformat(), row.dataset_id]).encode()
-    return base64.urlsafe_b64encode(raw).decode().rstrip("=")
-
-
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
-    try:
-        at, dataset_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
-        created_at = datetime.fromisoformat(at)
-    except (ValueError, TypeError, binascii.Error) as exc:
-        raise InvalidCursor("invalid cursor") from exc
-    if created_at.tzinfo is None or not isinstance(dataset_id, str):
-        raise InvalidCursor("invalid cursor")
-    return created_at, dataset_id
+    return rows[:limit], encode_cursor(rows[limit - 1].created_at, rows[limit - 1].dataset_id)

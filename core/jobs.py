@@ -388,13 +388,13 @@ def list_jobs(
     if name is not None:
         query = query.where(Job.name == name)
     if cursor is not None:
-        created_at, job_id = _decode_cursor(cursor)
+        created_at, job_id = decode_cursor(cursor)
         query = query.where(or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.job_id < job_id)))
     query = query.order_by(Job.created_at.desc(), Job.job_id.desc()).limit(limit + 1)
     jobs = list(session.scalars(query.execution_options(populate_existing=True)))
     if len(jobs) <= limit:
         return jobs, None
-    return jobs[:limit], _encode_cursor(jobs[limit - 1])
+    return jobs[:limit], encode_cursor(jobs[limit - 1].created_at, jobs[limit - 1].job_id)
 
 
 def list_events(
@@ -584,17 +584,19 @@ def _replay(session: Session, tenant_id: str, key: str | None, request_hash: str
     return job
 
 
-def _encode_cursor(job: Job) -> str:
-    raw = json.dumps([job.created_at.isoformat(), job.job_id]).encode()
+def encode_cursor(created_at: datetime, key: str) -> str:
+    """An opaque page cursor for lists ordered by (created_at, id), newest first."""
+    raw = json.dumps([created_at.isoformat(), key]).encode()
     return base64.urlsafe_b64encode(raw).decode().rstrip("=")
 
 
-def _decode_cursor(cursor: str) -> tuple[datetime, str]:
+def decode_cursor(cursor: str) -> tuple[datetime, str]:
+    """The (created_at, id) of an `encode_cursor` value; InvalidCursor for anything else."""
     try:
-        created_at, job_id = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
+        created_at, key = json.loads(base64.urlsafe_b64decode(cursor + "=" * (-len(cursor) % 4)))
         at = datetime.fromisoformat(created_at)
     except (ValueError, TypeError, binascii.Error) as exc:
         raise InvalidCursor("invalid cursor") from exc
-    if at.tzinfo is None or not isinstance(job_id, str):
+    if at.tzinfo is None or not isinstance(key, str):
         raise InvalidCursor("invalid cursor")
-    return at, job_id
+    return at, key
