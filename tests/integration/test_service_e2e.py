@@ -160,9 +160,9 @@ def read_stream(c: httpx.Client, job_id: str, last_id: str | None = None, stop_a
 
 
 def test_job_streams_live_and_metrics_are_pollable(svc):
-    body = spec()
-    body["data"] = {"dataset": "builtin:synthetic", "synthetic": {"n_samples": 20000, "n_features": 64}}
-    body["model"]["layers"] = [256]  # about a second per epoch: long enough to watch it train
+    body = spec(epochs=6, batch_size=32)
+    body["data"]["augment"] = {"rotate": {"degrees": 10}, "noise": {"std": 0.5}}
+    body["model"] = {"arch": "cnn", "layers": [32, 64], "hidden": [128], "dropout": 0.3}  # epochs of ~0.2 s
     with svc.client() as c:
         job = submit(c, body)
         events = read_stream(c, job["id"])
