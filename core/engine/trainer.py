@@ -99,9 +99,9 @@ def train(
         logs = _epoch_logs(run, t0)
         ctx.history.append(logs)
         ctx.epoch += 1
+        ctx.emit("epoch_end", logs)  # the epoch's metrics first, then what callbacks decide from them
         cbs.on_epoch_end(ctx, logs)
         run.schedule.epoch_end(logs)
-        ctx.emit("epoch_end", logs)
         last = ctx.epoch == spec.train.epochs or ctx.should_stop
         if run.out_dir and ((every and ctx.epoch % every == 0) or last):
             _checkpoint(run, None)

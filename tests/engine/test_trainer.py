@@ -71,6 +71,8 @@ def test_early_stopping_ends_run_and_restores_best_weights():
     val_losses = [h["val/loss"] for h in result.history]
     assert result.best_epoch == stop.data["best_epoch"] and val_losses[result.best_epoch - 1] == stop.data["best"]
     assert rec.kinds().index("restored") < rec.kinds().index("test")
+    last_epoch_end = max(i for i, k in enumerate(rec.kinds()) if k == "epoch_end")
+    assert rec.kinds()[last_epoch_end + 1] == "early_stop"  # the epoch's metrics, then the decision
 
 
 def test_non_finite_loss_fails_as_diverged():
