@@ -50,7 +50,7 @@ class EpochClock(Callback):
 
 
 def per_epoch(marks: list[float]) -> float:
-    return statistics.median(b - a for a, b in zip(marks, marks[1:]))
+    return statistics.median(b - a for a, b in zip(marks, marks[1:], strict=False))
 
 
 def run_engine(spec: JobSpec) -> float:

@@ -62,7 +62,7 @@ def test_constant():
 def test_warmup_rises_linearly_then_holds():
     out = lrs({"name": "constant", "warmup_epochs": 2})
     assert out[0] == pytest.approx(0.01) and out[10] == pytest.approx(0.505) and out[20:] == [1.0] * 80
-    assert all(a < b for a, b in zip(out[:20], out[1:21]))
+    assert all(a < b for a, b in zip(out[:20], out[1:21], strict=True))
 
 
 def test_step_decays_every_step_size_epochs():
