@@ -10,8 +10,7 @@ from typing import Any
 from core import jobs
 from core.config import get_settings
 from core.db import session_scope
-from core.models import JobStatus
-from core.submit import SubmitError, submit_spec
+from core.submit import SubmitError, submit
 from worker import reaper, runner
 from worker.celery_app import REAP_TASK, RUN_TASK, SUBMIT_TASK, BrokerUnavailable, app, enqueue
 
@@ -34,7 +33,7 @@ def submit_job(spec: dict[str, Any], idempotency_key: str | None = None, tenant:
     with session_scope() as session:
         jobs.ensure_tenant(session=session, tenant_id=tenant)
         try:
-            job = submit_spec(
+            submitted = submit(
                 session=session,
                 tenant_id=tenant,
                 spec_dict=spec,
@@ -44,7 +43,8 @@ def submit_job(spec: dict[str, Any], idempotency_key: str | None = None, tenant:
         except (SubmitError, jobs.IdempotencyConflict) as exc:
             log.warning("submit_job rejected (tenant %s, key %s): %s", tenant, idempotency_key, exc)
             return {"job_id": None, "status": "rejected", "error": {"code": _code(exc), "message": str(exc)}}
-    if job.status == JobStatus.queued:  # a replayed key may name a job that already runs or ended
+    job = submitted.job
+    if submitted.created:  # as over HTTP, only the call that created the job sends it; the outbox covers a loss
         try:
             enqueue(job.job_id, job.queue)
         except BrokerUnavailable as exc:

@@ -88,3 +88,10 @@ def test_a_tenant_over_its_active_job_limit_is_refused(app, monkeypatch):
     monkeypatch.setattr(app, "max_active_jobs_per_tenant", 2)
     monkeypatch.setattr(tasks, "get_settings", lambda: app)
     assert [submit_task(make_spec())["status"] for _ in range(3)] == ["queued", "queued", "rejected"]
+
+
+def test_a_replay_of_a_queued_job_sends_it_no_second_time(app):
+    first = submit_task(make_spec(), key="again")
+    second = submit_task(make_spec(), key="again")
+    assert second == {"job_id": first["job_id"], "status": "queued"}
+    assert sent_messages(app) == [("cpu", [first["job_id"]])]
