@@ -103,11 +103,6 @@ def submit(
     return Submission(job, created=job.job_id in inserted)
 
 
-def submit_spec(**kwargs: Any) -> Job:
-    """`submit` for callers that only need the job."""
-    return submit(**kwargs).job
-
-
 def parse_spec(spec_dict: dict[str, Any]) -> JobSpec:
     """The validated spec, with the service's own rules: types exactly as the JSON Schema says (strict: no `0` for
     false, no `"3"` for 3), no local paths (they name files on the server)."""

@@ -14,7 +14,7 @@ from core import jobs
 from core.config import Settings, get_settings
 from core.db import reset_engine, session_scope
 from core.models import Job, JobEvent
-from core.submit import submit_spec
+from core.submit import submit as submit_job
 
 TENANT = "acme"
 
@@ -59,7 +59,7 @@ def settings(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_sqlite: 
 def submit(spec: dict[str, Any], **kwargs: Any) -> Job:
     with session_scope() as session:
         jobs.ensure_tenant(session=session, tenant_id=TENANT)
-        return submit_spec(session=session, tenant_id=TENANT, spec_dict=spec, **kwargs)
+        return submit_job(session=session, tenant_id=TENANT, spec_dict=spec, **kwargs).job
 
 
 def load(job_id: str) -> Job:
