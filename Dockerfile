@@ -15,6 +15,7 @@ COPY pyproject.toml README.md alembic.ini ./
 COPY core ./core
 COPY api ./api
 COPY worker ./worker
+COPY cli ./cli
 COPY migrations ./migrations
 RUN pip install -e . \
     && useradd --create-home --uid 10001 trickserve \

@@ -25,7 +25,7 @@ test-fast: install
 	$(BIN)/python -m pytest -q -m "not integration and not slow"
 
 lint: install
-	$(BIN)/ruff check core api worker tests bench
+	$(BIN)/ruff check core api worker cli tests bench
 	$(BIN)/mypy
 
 bench: install

@@ -9,11 +9,11 @@ from fastapi import Body, Depends, Path, Query, Request
 from pydantic import WithJsonSchema
 from sqlalchemy.orm import Session
 
-from api import dispatch
 from api.auth import current_tenant
 from api.errors import ApiError, problem
 from core import jobs
 from core.config import Settings
+from core.dispatch import Send
 from core.models import Job
 
 
@@ -88,9 +88,9 @@ def require_json(request: Request) -> None:
 SpecBody = Annotated[dict[str, Any], WithJsonSchema({"$ref": "#/components/schemas/JobSpec"}), Body()]
 
 
-def get_enqueue() -> dispatch.Enqueue:
-    """How a stored job is sent to the workers; tests override this dependency to watch the calls."""
-    return dispatch.send_run_job
+def get_send(request: Request) -> Send:
+    """How a stored job is sent to the workers: what the entry point gave create_app."""
+    return request.app.state.send
 
 
-EnqueueDep = Annotated[dispatch.Enqueue, Depends(get_enqueue)]
+SendDep = Annotated[Send, Depends(get_send)]

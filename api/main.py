@@ -1,4 +1,4 @@
-"""The app factory: `create_app(settings)` builds the FastAPI application (run it with `uvicorn --factory`)."""
+"""The app factory: `create_app(settings, send=...)` builds the FastAPI application; `trickserve api` serves it."""
 
 from __future__ import annotations
 
@@ -15,8 +15,9 @@ from api.limits import BodyLimitMiddleware
 from api.monitoring import LatencyMiddleware, Monitoring
 from api.routes import include_routers, upload_limits
 from api.streaming import StreamSlots
-from core.config import Settings, get_settings
-from core.db import create_db_engine, make_sessionmaker
+from core.config import Settings
+from core.db import Database
+from core.dispatch import Send
 from core.spec import JobSpec
 
 DESCRIPTION = """Submit deep-learning training jobs as specs, follow their metrics live, download the trained model.
@@ -28,20 +29,21 @@ Every error is JSON `{"error": {"code", "message", "details"}}`; a bad spec gets
 every problem with its dotted path (`optim.lr`)."""
 
 
-def create_app(settings: Settings | None = None) -> FastAPI:
-    """The API for `settings` (default: the process's TRICKSERVE_* settings)."""
-    settings = settings or get_settings()
+def create_app(settings: Settings, *, send: Send) -> FastAPI:
+    """The API for `settings`. `send` publishes a stored job to the workers (the entry point passes the worker's
+    publisher, worker.celery_app.publisher; the API itself never imports the worker)."""
     app = FastAPI(
         title="trickserve",
         version="1",
         description=DESCRIPTION,
         lifespan=_lifespan,
     )
-    engine = create_db_engine(settings.database_url)
+    db = Database.from_settings(settings)
     app.state.settings = settings
-    app.state.engine = engine
-    app.state.sessions = make_sessionmaker(engine)
-    app.state.read_sessions = make_sessionmaker(engine, read_only=True)
+    app.state.send = send
+    app.state.db = db
+    app.state.sessions = db.sessions
+    app.state.read_sessions = db.read_sessions
     app.state.stream_slots = StreamSlots(settings.sse_max_connections_per_tenant, settings.retry_after_s)
     app.state.monitoring = Monitoring(app.state.read_sessions)
     app.add_middleware(BodyLimitMiddleware, default=settings.max_body_kb * 1024, per_path=upload_limits(settings))
@@ -57,7 +59,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     await run_in_threadpool(settings.ensure_dirs)
     yield
-    app.state.engine.dispose()
+    app.state.db.dispose()
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

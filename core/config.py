@@ -1,8 +1,10 @@
-"""Service settings, read once from TRICKSERVE_* environment variables into one Settings object."""
+"""Service settings, read from TRICKSERVE_* environment variables into one Settings object.
+
+Each entry point (the command line, the worker's Celery app, the Alembic environment) builds Settings once and
+passes it down; nothing below an entry point reads the environment."""
 
 from __future__ import annotations
 
-import functools
 from pathlib import Path
 from typing import Any
 
@@ -113,9 +115,3 @@ class Settings(BaseSettings):
         folders += [Path(p) for p in self.broker_transport_options.values()]
         for folder in folders:
             folder.mkdir(parents=True, exist_ok=True)
-
-
-@functools.lru_cache(maxsize=1)
-def get_settings() -> Settings:
-    """The process's settings, read once; tests call `get_settings.cache_clear()` after changing the environment."""
-    return Settings()

@@ -1,8 +1,7 @@
-"""Database engine and sessions built from Settings; SQLite is set up so that the API and workers write side by side."""
+"""Database engines and sessions; SQLite is set up so that the API and workers write side by side."""
 
 from __future__ import annotations
 
-import functools
 from collections.abc import Iterator
 from contextlib import contextmanager
 from pathlib import Path
@@ -10,11 +9,12 @@ from typing import Any
 
 from alembic import command
 from alembic.config import Config
-from sqlalchemy import Connection, Engine, create_engine, event
+from sqlalchemy import Connection, Engine, Insert, create_engine, event
+from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.engine import URL, make_url
 from sqlalchemy.orm import Session, sessionmaker
 
-from core.config import get_settings
+from core.config import Settings
 
 MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 
@@ -22,14 +22,13 @@ MIGRATIONS_DIR = Path(__file__).resolve().parent.parent / "migrations"
 IDLE_IN_TRANSACTION_MS = 60_000  # PostgreSQL ends a transaction idle this long; ours last milliseconds
 
 
-def create_db_engine(url: str | URL | None = None, **kwargs: Any) -> Engine:
-    """An engine for `url` (default: settings.database_url); extra keyword arguments go to create_engine."""
-    settings = get_settings()
-    url = make_url(url or settings.database_url)
+def create_db_engine(url: str | URL, *, sqlite_busy_timeout_s: float = 30.0, **kwargs: Any) -> Engine:
+    """An engine for `url`; extra keyword arguments go to create_engine."""
+    url = make_url(url)
     if url.drivername in ("postgresql", "postgres"):
         url = url.set(drivername="postgresql+psycopg")  # psycopg 3 is the driver we ship
     if url.get_backend_name() == "sqlite":
-        return _sqlite_engine(url, busy_timeout_s=settings.sqlite_busy_timeout_s, **kwargs)
+        return _sqlite_engine(url, busy_timeout_s=sqlite_busy_timeout_s, **kwargs)
     # A process frozen (or killed without its socket closing) inside a transaction would hold its row locks forever.
     connect_args = {"options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}"}
     connect_args.update(kwargs.pop("connect_args", {}))
@@ -69,41 +68,54 @@ def make_sessionmaker(engine: Engine, *, read_only: bool = False) -> sessionmake
     return sessionmaker(bind=bind, expire_on_commit=False)
 
 
-@functools.lru_cache(maxsize=1)
-def get_engine() -> Engine:
-    """The process's engine for settings.database_url."""
-    return create_db_engine()
+class Database:
+    """One database as a process uses it: its engine, and sessions that write or only read."""
 
+    def __init__(self, url: str | URL, *, sqlite_busy_timeout_s: float = 30.0, **engine_kwargs: Any):
+        self.engine = create_db_engine(url, sqlite_busy_timeout_s=sqlite_busy_timeout_s, **engine_kwargs)
+        self.sessions = make_sessionmaker(self.engine)
+        self.read_sessions = make_sessionmaker(self.engine, read_only=True)
 
-@functools.lru_cache(maxsize=2)
-def get_sessionmaker(*, read_only: bool = False) -> sessionmaker[Session]:
-    """The process's session factory on get_engine()."""
-    return make_sessionmaker(get_engine(), read_only=read_only)
+    @classmethod
+    def from_settings(cls, settings: Settings, **engine_kwargs: Any) -> Database:
+        return cls(settings.database_url, sqlite_busy_timeout_s=settings.sqlite_busy_timeout_s, **engine_kwargs)
+
+    @contextmanager
+    def session(self, *, read_only: bool = False) -> Iterator[Session]:
+        """A session closed on exit, which rolls back anything uncommitted; core.jobs functions commit themselves."""
+        with (self.read_sessions if read_only else self.sessions)() as session:
+            yield session
+
+    def dispose(self, *, close: bool = True) -> None:
+        """Drop the pooled connections; close=False in a forked child leaves the parent's sockets alone."""
+        self.engine.dispose(close=close)
 
 
 @contextmanager
-def session_scope(*, read_only: bool = False) -> Iterator[Session]:
-    """A session closed on exit, which rolls back anything uncommitted; core.jobs functions commit themselves."""
-    with get_sessionmaker(read_only=read_only)() as session:
-        yield session
+def committing(session: Session) -> Iterator[None]:
+    """Commit on the way out, roll back on any error: no call leaves a transaction (on SQLite: the lock) open."""
+    try:
+        yield
+    except BaseException:
+        session.rollback()
+        raise
+    session.commit()
 
 
-def reset_engine() -> None:
-    """Dispose of the cached engine and forget the session factories (tests, or after settings changed)."""
-    if get_engine.cache_info().currsize:
-        get_engine().dispose()
-    get_engine.cache_clear()
-    get_sessionmaker.cache_clear()
+def insert_ignoring_duplicates(session: Session, model: type[Any]) -> Insert:
+    """INSERT ... ON CONFLICT DO NOTHING; the two backends we support spell it alike but need their own construct."""
+    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
+    return insert(model).on_conflict_do_nothing()
 
 
-def alembic_config(url: str | None = None) -> Config:
-    """Alembic configuration for `url` (default: settings.database_url), independent of the working folder."""
+def alembic_config(url: str) -> Config:
+    """Alembic configuration for `url`, independent of the working folder."""
     config = Config()  # no ini file, so migrations/env.py leaves the application's logging alone
     config.set_main_option("script_location", str(MIGRATIONS_DIR))
-    config.attributes["url"] = url or get_settings().database_url
+    config.attributes["url"] = url
     return config
 
 
-def init_db(url: str | None = None) -> None:
+def init_db(url: str) -> None:
     """Migrate the database to the latest schema (alembic upgrade head)."""
     command.upgrade(alembic_config(url), "head")

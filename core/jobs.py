@@ -10,17 +10,16 @@ import hashlib
 import json
 import math
 import re
-from collections.abc import Callable, Iterable, Iterator, Mapping, Sequence
-from contextlib import contextmanager
+from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, Insert, and_, delete, func, or_, select, update
-from sqlalchemy.dialects import postgresql, sqlite
+from sqlalchemy import ColumnElement, and_, delete, func, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core.db import committing, insert_ignoring_duplicates
 from core.models import (
     METRIC_KINDS,
     STATUS_EVENT,
@@ -32,7 +31,6 @@ from core.models import (
     JobEvent,
     JobStatus,
     JobTransition,
-    Tenant,
     new_id,
     utcnow,
 )
@@ -95,20 +93,6 @@ class HeartbeatResult:
     cancel_requested: bool
 
 
-# ------------------------------------------------------------------------------------------- tenants
-
-
-def ensure_tenant(*, session: Session, tenant_id: str, name: str | None = None) -> Tenant:
-    """The tenant, created if new; safe to call concurrently."""
-    with _committing(session):
-        session.execute(
-            _insert_ignoring_duplicates(session, Tenant).values(tenant_id=tenant_id, name=name or tenant_id)
-        )
-        tenant = session.get(Tenant, tenant_id)
-    assert tenant is not None
-    return tenant
-
-
 # ------------------------------------------------------------------------------------- submit, dispatch
 
 
@@ -125,13 +109,13 @@ def create_job(
     with a different request it raises IdempotencyConflict."""
     request_hash = _request_hash(spec.model_dump(mode="json"), queue)
     try:
-        with _committing(session):
+        with committing(session):
             job = _replay(session, tenant_id, idempotency_key, request_hash)
             if job is None:
                 job = _insert_job(session, tenant_id, spec, advice, queue, idempotency_key, request_hash)
     except IntegrityError:
         # A concurrent request with the same key inserted first (PostgreSQL; SQLite's BEGIN IMMEDIATE serialises).
-        with _committing(session):
+        with committing(session):
             job = _replay(session, tenant_id, idempotency_key, request_hash)
         if job is None:
             raise
@@ -168,7 +152,7 @@ def _insert_job(
 def mark_dispatched(*, session: Session, job_ids: str | Iterable[str], now: datetime | None = None) -> None:
     """Record that these queued jobs were sent to the broker (the outbox's "sent" mark)."""
     ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
-    with _committing(session):
+    with committing(session):
         session.execute(
             update(Job)
             .where(Job.job_id.in_(ids), Job.status == JobStatus.queued)
@@ -196,7 +180,7 @@ def claim_job(*, session: Session, job_id: str, worker_id: str, lease_s: float) 
     """Start the next attempt of a queued job; None when it is not there to take (claimed by another worker,
     finished, or cancelled: a queued job with a cancel request becomes cancelled here)."""
     now = utcnow()
-    with _committing(session):
+    with committing(session):
         job = _locked(session, job_id)
         if job is None or job.status != JobStatus.queued:
             return None
@@ -218,7 +202,7 @@ def claim_job(*, session: Session, job_id: str, worker_id: str, lease_s: float) 
 def heartbeat(*, session: Session, job_id: str, attempt: int, lease_s: float) -> HeartbeatResult:
     """Renew the lease of the attempt that holds the job, and tell it whether a cancel was asked for."""
     now = utcnow()
-    with _committing(session):
+    with committing(session):
         job = _fenced(session, job_id, attempt)
         if job is None:
             return HeartbeatResult(alive=False, cancel_requested=False)
@@ -229,14 +213,14 @@ def heartbeat(*, session: Session, job_id: str, attempt: int, lease_s: float) ->
 def record_events(*, session: Session, job_id: str, attempt: int, events: Sequence[Any]) -> bool:
     """Store a batch of engine events (core.engine.callbacks.Event or dicts with the same keys) of the attempt
     that holds the job; False, storing nothing, when that attempt was fenced out. Replayed metrics are ignored."""
-    with _committing(session):
+    with committing(session):
         if _fenced(session, job_id, attempt) is None:
             return False
         rows = [_event_row(job_id, attempt, event) for event in events]
         if rows and attempt > 1:
             _supersede_replayed(session, job_id, attempt, rows)
         if rows:
-            session.execute(_insert_ignoring_duplicates(session, JobEvent), rows)
+            session.execute(insert_ignoring_duplicates(session, JobEvent), rows)
     return True
 
 
@@ -244,7 +228,7 @@ def set_checkpoint(
     *, session: Session, job_id: str, attempt: int, path: str, step: int, size_bytes: int | None = None
 ) -> bool:
     """Point the job at a checkpoint its current attempt has written (atomically); a retry resumes from it."""
-    with _committing(session):
+    with committing(session):
         job = _fenced(session, job_id, attempt)
         if job is None:
             return False
@@ -257,7 +241,7 @@ def record_artifact(
     *, session: Session, job_id: str, attempt: int, kind: ArtifactKind | str, path: str, size_bytes: int | None = None
 ) -> bool:
     """Register a file the current attempt wrote (e.g. the resolved spec next to the model)."""
-    with _committing(session):
+    with committing(session):
         job = _fenced(session, job_id, attempt)
         if job is None:
             return False
@@ -284,7 +268,7 @@ def finish_job(
         raise ValueError(f"finish_job needs a terminal status, not {status}")
     if failure_class is not None and status != JobStatus.failed:
         raise ValueError("failure_class is only for status failed")
-    with _committing(session):
+    with committing(session):
         job = _fenced(session, job_id, attempt)
         if job is None:
             return False
@@ -308,7 +292,7 @@ def finish_job(
 def request_cancel(*, session: Session, job_id: str, tenant_id: str) -> Job:
     """Ask a job to stop; idempotent. Queued: cancelled at once. Running: `cancelling`, and the worker sees the
     flag at its next heartbeat. Cancelling or finished: unchanged. Raises JobNotFound."""
-    with _committing(session):
+    with committing(session):
         job = _locked(session, job_id)
         if job is None or job.tenant_id != tenant_id:
             raise JobNotFound(job_id)
@@ -327,7 +311,7 @@ def requeue_expired(*, session: Session, now: datetime | None = None) -> list[st
     now = now or utcnow()
     expired = or_(Job.lease_expires_at < now, Job.lease_expires_at.is_(None))
     requeued = []
-    with _committing(session):
+    with committing(session):
         candidates = session.scalars(select(Job.job_id).where(Job.status.in_(ACTIVE), expired).order_by(Job.job_id))
         for job_id in list(candidates):
             # SKIP LOCKED (PostgreSQL): a row some transaction holds is left to the next sweep. Waiting for it would
@@ -358,8 +342,8 @@ def _lease_expired(job: Job, now: datetime) -> bool:
 
 
 # -------------------------------------------------------------------------------------------- reads
-# Reads run in the caller's session; on SQLite use core.db.session_scope(read_only=True) for them, so that a
-# reader never holds the write lock.
+# Reads run in the caller's session; on SQLite give them a read-only one (Database.session(read_only=True)), so
+# that a reader never holds the write lock.
 
 
 def get_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
@@ -429,17 +413,6 @@ def check_transition(job_id: str, from_status: JobStatus, to_status: JobStatus) 
 
 
 # ------------------------------------------------------------------------------------------ helpers
-
-
-@contextmanager
-def _committing(session: Session) -> Iterator[None]:
-    # Commit on the way out, roll back on any error: no call leaves a transaction (on SQLite: the lock) open.
-    try:
-        yield
-    except BaseException:
-        session.rollback()
-        raise
-    session.commit()
 
 
 def _locked(session: Session, job_id: str, *, skip_locked: bool = False) -> Job | None:
@@ -552,12 +525,6 @@ def _put_artifact(session: Session, job: Job, kind: ArtifactKind, path: str, siz
         session.add(Artifact(job_id=job.job_id, attempt=job.attempt, kind=kind, path=path, size_bytes=size_bytes))
     else:
         artifact.attempt, artifact.size_bytes, artifact.created_at = job.attempt, size_bytes, utcnow()
-
-
-def _insert_ignoring_duplicates(session: Session, model: type[Any]) -> Insert:
-    # INSERT ... ON CONFLICT DO NOTHING; the two backends we support spell it alike but need their own construct.
-    insert = postgresql.insert if session.get_bind().dialect.name == "postgresql" else sqlite.insert
-    return insert(model).on_conflict_do_nothing()
 
 
 def _data_has_key(session: Session, name: str) -> ColumnElement[bool]:

@@ -13,7 +13,7 @@ from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
 from core import jobs
-from core.config import Settings, get_settings
+from core.config import Settings
 from core.models import Dataset, Job, JobStatus
 from core.spec import JobSpec, spec_errors
 
@@ -72,15 +72,15 @@ def submit(
     tenant_id: str,
     spec_dict: dict[str, Any],
     idempotency_key: str | None = None,
+    caps: Caps,
     max_active_jobs: int | None = None,
-    caps: Caps | None = None,
 ) -> Submission:
-    """Validate a spec against `caps` (default: the process settings'), resolve what it refers to, and store it as
+    """Validate a spec against `caps`, resolve what it refers to, and store it as
     a queued job with its advice (committed). The caller enqueues the job after this returns, only if it was
     created: a replay is never sent twice. Raises InvalidSpec, TooManyActiveJobs, or core.jobs.IdempotencyConflict
     (same key, different request); the same key and request returns the first job."""
     spec = parse_spec(spec_dict)
-    check_caps(spec, caps or Caps.from_settings(get_settings()))
+    check_caps(spec, caps)
     try:
         check_references(session, tenant_id, spec)
         if max_active_jobs is not None:

@@ -13,7 +13,7 @@ from dataclasses import dataclass
 from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
-from core import jobs
+from core.db import committing, insert_ignoring_duplicates
 from core.models import ApiKey, Dataset, Job, Tenant, utcnow
 from core.submit import ACTIVE_STATUSES
 
@@ -36,22 +36,22 @@ class Usage:
 
 
 def create_tenant(*, session: Session, tenant_id: str, name: str | None = None) -> Tenant:
-    """The tenant, created if new (commits); raises InvalidTenantId for ids that are not safe names."""
-    if not TENANT_ID.match(tenant_id):
+    """The tenant, created if new (commits; safe to call concurrently); raises InvalidTenantId for ids that are not
+    safe names. Every path that makes tenants (key administration, the embedded key, queue submissions) goes here."""
+    if not isinstance(tenant_id, str) or not TENANT_ID.match(tenant_id):
         raise InvalidTenantId(f"tenant ids are 1-64 letters, digits, '_', '.', '-', not {tenant_id!r}")
-    return jobs.ensure_tenant(session=session, tenant_id=tenant_id, name=name)
+    with committing(session):
+        session.execute(insert_ignoring_duplicates(session, Tenant).values(tenant_id=tenant_id, name=name or tenant_id))
+        tenant = session.get(Tenant, tenant_id)
+    assert tenant is not None
+    return tenant
 
 
 def create_api_key(*, session: Session, tenant_id: str, name: str | None = None) -> str:
     """A new key for an existing tenant (commits); the plaintext is returned here and stored nowhere."""
     key = KEY_PREFIX + secrets.token_urlsafe(32)  # 256 random bits
-    row = ApiKey(tenant_id=tenant_id, key_hash=hash_key(key), prefix=key[:SHOWN_CHARS], name=name)
-    try:
-        session.add(row)
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
+    with committing(session):
+        session.add(ApiKey(tenant_id=tenant_id, key_hash=hash_key(key), prefix=key[:SHOWN_CHARS], name=name))
     return key
 
 
@@ -59,12 +59,8 @@ def revoke_api_key(*, session: Session, key_or_prefix: str) -> bool:
     """Revoke the key given whole or by its shown prefix (commits); False when no live key matches."""
     value = key_or_prefix.strip()
     match = ApiKey.key_hash == hash_key(value) if len(value) > SHOWN_CHARS else ApiKey.prefix == value
-    try:
+    with committing(session):
         result = session.execute(update(ApiKey).where(match, ApiKey.revoked_at.is_(None)).values(revoked_at=utcnow()))
-        session.commit()
-    except BaseException:
-        session.rollback()
-        raise
     return result.rowcount > 0  # type: ignore[attr-defined]
 
 

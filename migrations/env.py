@@ -6,7 +6,7 @@ from typing import Any
 from alembic import context
 from sqlalchemy import Connection, pool
 
-from core.config import get_settings
+from core.config import Settings
 from core.db import create_db_engine
 from core.models import Base
 
@@ -20,7 +20,7 @@ def database_url() -> str:
         context.get_x_argument(as_dictionary=True).get("url")
         or config.attributes.get("url")
         or config.get_main_option("sqlalchemy.url")
-        or get_settings().database_url
+        or Settings().database_url
     )
 
 

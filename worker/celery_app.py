@@ -1,4 +1,4 @@
-"""The one Celery app (configured from Settings), the `enqueue` helper the API calls, and the worker's signals.
+"""Building and configuring the Celery app from Settings, and publishing `run_job` messages on it.
 
 Reliability rests on the database, not on the broker (DESIGN.md): a message only wakes a worker up, the job row
 says what to do, and the reaper re-sends whatever a lost or duplicated message would have dropped. Choices:
@@ -16,7 +16,7 @@ says what to do, and the reaper re-sends whatever a lost or duplicated message w
   alike. Every job gets a fresh child process, which returns its memory and CUDA context to the system; a job
   that crashes its process takes only that child down; the parent never touches CUDA, so forking stays safe.
   Scale out with more worker processes (one per GPU), not with `-c`.
-- Queues: `cpu` and `gpu` carry `run_job` (sent explicitly by `enqueue`); Celery's default queue `celery` carries
+- Queues: `cpu` and `gpu` carry `run_job` (sent explicitly by `send_run_job`); Celery's default queue `celery` carries
   `submit_job` and `reap`, so another service can submit with a bare `send_task`. Every worker consumes `celery`
   besides its -Q queues (default `cpu`); GPU workers run with `-Q gpu` (or `cpu,gpu`). A submission waits while a
   worker's only process trains, so keep one worker free or run a small `-Q celery` worker for submissions.
@@ -24,9 +24,8 @@ says what to do, and the reaper re-sends whatever a lost or duplicated message w
 
 from __future__ import annotations
 
+import functools
 import logging
-import os
-import threading
 from pathlib import Path
 from typing import Any
 
@@ -34,7 +33,9 @@ from celery import Celery, signals
 from kombu import Queue
 from kombu.utils.url import maybe_sanitize_url
 
-from core.config import Settings, get_settings
+from core.config import Settings
+from core.db import Database
+from core.dispatch import Send
 
 log = logging.getLogger(__name__)
 
@@ -80,10 +81,30 @@ def transport_options(settings: Settings) -> dict[str, Any]:
     return {}
 
 
-def create_app(settings: Settings) -> Celery:
+class WorkerApp(Celery):
+    """The Celery app, with what its tasks need: the settings it was built from and their database."""
+
+    settings: Settings
+
+    @functools.cached_property
+    def db(self) -> Database:
+        # Built on first use: a process that only publishes (the API) never opens the database through it.
+        return Database.from_settings(self.settings)
+
+    def send_run_job(self, job_id: str, queue: str) -> None:
+        """Publish one `run_job` message; raises BrokerUnavailable after a few seconds without a broker."""
+        try:
+            self.send_task(RUN_TASK, args=[job_id], queue=queue)
+        except Exception as exc:  # kombu raises OperationalError, redis and OS errors alike for an absent broker
+            url = maybe_sanitize_url(self.conf.broker_url)
+            raise BrokerUnavailable(f"cannot send job {job_id} to the broker at {url}: {exc}") from exc
+
+
+def create_app(settings: Settings) -> WorkerApp:
     """A Celery app configured from `settings`."""
-    # Tasks are imported by the worker only: a process that just enqueues (the API) does not load the engine.
-    app = Celery("trickserve", set_as_current=False, include=["worker.tasks"])
+    # Tasks are imported by the worker only: a process that just publishes (the API) does not load the engine.
+    app = WorkerApp("trickserve", set_as_current=False, include=["worker.tasks"])
+    app.settings = settings
     app.conf.update(
         broker_url=settings.broker_url,
         broker_transport_options=transport_options(settings),
@@ -117,66 +138,23 @@ def create_app(settings: Settings) -> Celery:
     return app
 
 
-app = create_app(get_settings())
+def publisher(settings: Settings) -> Send:
+    """How a process that only submits (the API) sends a stored job to the workers."""
+    return create_app(settings).send_run_job
 
 
-def enqueue(job_id: str, queue: str) -> None:
-    """Send `run_job(job_id)` to `queue` and mark the job dispatched. Call it after the job's row is committed.
-    Raises BrokerUnavailable after a few seconds when the broker cannot be reached (the job is safe: still queued
-    and undispatched, so the reaper's outbox sweep sends it once the broker is back)."""
-    send_run_job(job_id, queue)
-    from core import jobs
-    from core.db import session_scope
+def connect_worker_signals(app: WorkerApp) -> None:
+    """Hooks of a worker process running `app` (its entry point, worker/main.py, calls this once)."""
 
-    with session_scope() as session:
-        jobs.mark_dispatched(session=session, job_ids=job_id)
+    @signals.celeryd_after_setup.connect(weak=False)
+    def _always_consume_submissions(instance: Any, **_: Any) -> None:
+        # Whatever -Q says (`-Q gpu`, `-Q cpu,gpu`), every worker also takes submissions: a bare send_task from
+        # another service must find a consumer.
+        instance.app.amqp.queues.select_add(SUBMIT_QUEUE)
 
-
-def send_run_job(job_id: str, queue: str) -> None:
-    """Publish one `run_job` message; raises BrokerUnavailable."""
-    try:
-        app.send_task(RUN_TASK, args=[job_id], queue=queue)
-    except Exception as exc:  # kombu raises OperationalError, redis and OS errors alike for an absent broker
-        url = maybe_sanitize_url(app.conf.broker_url)
-        raise BrokerUnavailable(f"cannot send job {job_id} to the broker at {url}: {exc}") from exc
-
-
-# ------------------------------------------------------------------------------------------- signals
-
-_reaper_stop = threading.Event()
-
-
-@signals.celeryd_after_setup.connect
-def _always_consume_submissions(instance: Any, **_: Any) -> None:
-    # Whatever -Q says (`-Q gpu`, `-Q cpu,gpu`), every worker also takes submissions: a bare send_task from another
-    # service must find a consumer.
-    instance.app.amqp.queues.select_add(SUBMIT_QUEUE)
-
-
-@signals.worker_ready.connect
-def _start_reaper(**_: Any) -> None:
-    # In the worker's main process: every worker node sweeps, so the embedded mode needs no beat process; the
-    # sweep is safe to run concurrently because every change in it is a compare-and-set in the database.
-    from worker.reaper import reaper_loop
-
-    _reaper_stop.clear()
-    thread = threading.Thread(
-        target=reaper_loop, args=(get_settings(), _reaper_stop), name="trickserve-reaper", daemon=True
-    )
-    thread.start()
-
-
-@signals.worker_shutdown.connect
-def _stop_reaper(**_: Any) -> None:
-    _reaper_stop.set()
-
-
-@signals.worker_process_init.connect
-def _forget_parent_connections(**_: Any) -> None:
-    # A forked child must not use the database connections of its parent (two processes on one socket); close=False
-    # leaves them open for the parent and gives the child a fresh pool.
-    from core import db
-
-    if db.get_engine.cache_info().currsize:
-        db.get_engine().dispose(close=False)
-    log.debug("worker child %s ready", os.getpid())
+    @signals.worker_process_init.connect(weak=False)
+    def _forget_parent_connections(**_: Any) -> None:
+        # A forked child must not use the database connections of its parent (two processes on one socket);
+        # close=False leaves them open for the parent and gives the child a fresh pool.
+        if "db" in app.__dict__:
+            app.db.dispose(close=False)

@@ -5,57 +5,62 @@ from __future__ import annotations
 import logging
 import os
 import threading
+from typing import Any
+
+from celery import signals
 
 from core import jobs
 from core.config import Settings
-from core.db import get_engine, session_scope
-from worker.celery_app import BrokerUnavailable, send_run_job
+from core.db import Database
+from core.dispatch import Send, dispatch
+from worker.celery_app import WorkerApp
 
 log = logging.getLogger(__name__)
 BATCH = 100  # jobs sent per sweep; the next sweep sends the rest
 
 
-def sweep(settings: Settings) -> dict[str, int]:
+def sweep(settings: Settings, db: Database, send: Send) -> dict[str, int]:
     """One pass. Safe to run in several workers at once: the database settles each job exactly once, and a job
     sent twice is harmless because only one claim of it succeeds."""
-    with session_scope() as session:
+    with db.session() as session:
         requeued = jobs.requeue_expired(session=session)  # they come back undispatched, so they are sent below
-    with session_scope(read_only=True) as session:
+    with db.session(read_only=True) as session:
         pending = jobs.undispatched_jobs(session, limit=BATCH, redispatch_after_s=settings.redispatch_after_s)
-        pending_ids = [(job.job_id, job.queue) for job in pending]
-    sent = _send(pending_ids)
-    if sent:
-        with session_scope() as session:
-            jobs.mark_dispatched(session=session, job_ids=sent)
+    with db.session() as session:
+        sent = dispatch(session, pending, send)  # through the app's producer pool, safe to share between threads
     if requeued or sent:
         log.info("reaper: re-queued %s, dispatched %s", requeued, sent)
     return {"requeued": len(requeued), "dispatched": len(sent)}
 
 
-def _send(pending: list[tuple[str, str]]) -> list[str]:
-    sent: list[str] = []
-    for job_id, queue in pending:
-        try:
-            send_run_job(job_id, queue)  # through the app's producer pool, which is safe to share between threads
-        except BrokerUnavailable as exc:
-            log.warning("reaper: %s; retrying at the next sweep", exc)
-            break
-        sent.append(job_id)
-    return sent
-
-
-def reaper_loop(settings: Settings, stop: threading.Event) -> None:
+def reaper_loop(settings: Settings, db: Database, send: Send, stop: threading.Event) -> None:
     """Sweep now and then every settings.reaper_interval_s until `stop` is set; an error only skips one pass."""
     while True:
         with _sweeping:
             try:
-                sweep(settings)
+                sweep(settings, db, send)
             except Exception:  # noqa: BLE001 - a database or broker outage must not end the loop
                 log.exception("reaper: sweep failed")
             # No database connection stays open between sweeps, so a pool process forked now inherits none.
-            get_engine().dispose()
+            db.dispose()
         if stop.wait(settings.reaper_interval_s):
             return
+
+
+def run_in_worker(app: WorkerApp) -> None:
+    """Sweep in a thread of every worker's main process while it runs: the embedded mode needs no beat process,
+    and concurrent sweeps are safe because every change in one is a compare-and-set in the database."""
+    stop = threading.Event()
+
+    @signals.worker_ready.connect(weak=False)
+    def _start(**_: Any) -> None:
+        stop.clear()
+        args = (app.settings, app.db, app.send_run_job, stop)
+        threading.Thread(target=reaper_loop, args=args, name="trickserve-reaper", daemon=True).start()
+
+    @signals.worker_shutdown.connect(weak=False)
+    def _stop(**_: Any) -> None:
+        stop.set()
 
 
 # The worker forks a fresh pool process for every job while this loop runs in a thread of the same process. A fork

@@ -12,7 +12,7 @@ from pathlib import Path
 from sqlalchemy.exc import OperationalError
 
 from core import jobs
-from core.db import session_scope
+from core.db import Database
 from core.engine.callbacks import Callback, Event, RunContext
 from core.notify import publish
 
@@ -29,8 +29,16 @@ class DBReporter(Callback):
     """Buffers engine events and stores them in batches through core.jobs.record_events (fenced by attempt), then
     wakes up live streams. Raising Fenced from a hook stops the training loop at once, before it writes more."""
 
-    def __init__(self, *, job_id: str, attempt: int, redis_url: str | None, flush_interval_s: float = FLUSH_INTERVAL_S):
-        self.job_id, self.attempt, self.redis_url = job_id, attempt, redis_url
+    def __init__(
+        self,
+        *,
+        job_id: str,
+        attempt: int,
+        redis_url: str | None,
+        db: Database,
+        flush_interval_s: float = FLUSH_INTERVAL_S,
+    ):
+        self.job_id, self.attempt, self.redis_url, self.db = job_id, attempt, redis_url, db
         self.flush_interval_s = flush_interval_s
         self.fenced = threading.Event()  # set by a failed write, or by the heartbeat thread when the lease is lost
         self._buffer: list[Event] = []
@@ -58,7 +66,7 @@ class DBReporter(Callback):
         self.check()
         snapshot = snapshot_file(Path(path), self._slot)
         try:
-            with session_scope() as session:
+            with self.db.session() as session:
                 ok = jobs.set_checkpoint(
                     session=session,
                     job_id=self.job_id,
@@ -82,7 +90,7 @@ class DBReporter(Callback):
         if not self._buffer:
             return
         try:
-            with session_scope() as session:
+            with self.db.session() as session:
                 ok = jobs.record_events(session=session, job_id=self.job_id, attempt=self.attempt, events=self._buffer)
         except OperationalError as exc:
             log.warning("job %s: %d events kept for the next flush: %s", self.job_id, len(self._buffer), exc)

@@ -15,7 +15,7 @@ from sqlalchemy.exc import OperationalError
 
 from core import jobs
 from core.config import Settings
-from core.db import session_scope
+from core.db import Database
 from core.engine.callbacks import Event, StopFlag
 from core.models import Dataset, FailureClass, Job, JobStatus
 from core.notify import publish
@@ -40,24 +40,24 @@ class Outcome:
     model_path: str | None = None
 
 
-def run_job(job_id: str, *, worker_id: str, settings: Settings) -> str:
+def run_job(job_id: str, *, worker_id: str, settings: Settings, db: Database) -> str:
     """Run the next attempt of a queued job. Returns the terminal status it ended with, "dropped" when there was
     nothing to claim (a duplicate or stale message), or "fenced" when the attempt lost its lease and stopped
-    without writing anything more. The database is core.db's (the process settings')."""
-    with session_scope() as session:
+    without writing anything more."""
+    with db.session() as session:
         claim = jobs.claim_job(session=session, job_id=job_id, worker_id=worker_id, lease_s=settings.lease_s)
     if claim is None:
         log.info("job %s: not claimable (taken, finished or cancelled); message dropped", job_id)
         return "dropped"
     log.info("job %s: attempt %d claimed by %s", job_id, claim.attempt, worker_id)
     publish(settings.redis_url, job_id)
-    reporter = DBReporter(job_id=job_id, attempt=claim.attempt, redis_url=settings.redis_url)
+    reporter = DBReporter(job_id=job_id, attempt=claim.attempt, redis_url=settings.redis_url, db=db)
     cancel = StopFlag("cancelled")
     try:
-        with Heartbeat(claim, settings, on_cancel=cancel.set, on_lost=reporter.fenced.set):
-            outcome = _attempt(claim, settings, reporter, cancel)
+        with Heartbeat(claim, settings, db, on_cancel=cancel.set, on_lost=reporter.fenced.set):
+            outcome = _attempt(claim, settings, db, reporter, cancel)
             reporter.flush()  # the last events (the test metrics come after on_train_end)
-            _finish(claim, outcome)
+            _finish(claim, outcome, db)
     except Fenced:
         log.warning("job %s: attempt %d was fenced out; it stopped and wrote nothing more", job_id, claim.attempt)
         return "fenced"
@@ -66,14 +66,14 @@ def run_job(job_id: str, *, worker_id: str, settings: Settings) -> str:
     return str(outcome.status)
 
 
-def _attempt(claim: jobs.Claim, settings: Settings, reporter: DBReporter, cancel: StopFlag) -> Outcome:
+def _attempt(claim: jobs.Claim, settings: Settings, db: Database, reporter: DBReporter, cancel: StopFlag) -> Outcome:
     """Train; every error but Fenced and an unreachable database becomes a failed Outcome with a class and a
     one-line message."""
     from core.engine import train  # the trainer pulls in the data loaders: imported when a job runs
 
     try:
         spec = JobSpec.model_validate(claim.spec)
-        data_path, transfer_from = _resolve_inputs(claim.job_id, spec, settings)
+        data_path, transfer_from = _resolve_inputs(claim.job_id, spec, settings, db)
         _check_device(spec)
         result = train(
             spec,
@@ -97,14 +97,14 @@ def attempt_dir(settings: Settings, job_id: str, attempt: int) -> Path:
     return settings.artifact_dir / job_id / f"attempt-{attempt}"
 
 
-def _resolve_inputs(job_id: str, spec: JobSpec, settings: Settings) -> tuple[str | None, str | None]:
+def _resolve_inputs(job_id: str, spec: JobSpec, settings: Settings, db: Database) -> tuple[str | None, str | None]:
     """The uploaded dataset file and the transfer source's model file the spec names, checked to be the tenant's."""
     if not spec.data.dataset.startswith(("builtin:", "ds_")):
         raise SpecError("data.dataset", "local files are for the command line; upload them as a dataset")
     if spec.transfer is not None and spec.transfer.from_path is not None:
         raise SpecError("transfer.from_path", "local files are for the command line; use transfer.from_job")
     data_path = transfer_from = None
-    with session_scope(read_only=True) as session:
+    with db.session(read_only=True) as session:
         tenant_id = session.get_one(Job, job_id).tenant_id
         if spec.data.dataset.startswith("ds_"):
             dataset = session.get(Dataset, spec.data.dataset)
@@ -176,8 +176,8 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else "(no message)"
 
 
-def _finish(claim: jobs.Claim, outcome: Outcome) -> None:
-    with session_scope() as session:
+def _finish(claim: jobs.Claim, outcome: Outcome, db: Database) -> None:
+    with db.session() as session:
         finished = jobs.finish_job(
             session=session,
             job_id=claim.job_id,
@@ -198,9 +198,15 @@ class Heartbeat:
     """A thread that renews the attempt's lease every heartbeat_s and reports a cancel request or a lost lease."""
 
     def __init__(
-        self, claim: jobs.Claim, settings: Settings, *, on_cancel: Callable[[], None], on_lost: Callable[[], None]
+        self,
+        claim: jobs.Claim,
+        settings: Settings,
+        db: Database,
+        *,
+        on_cancel: Callable[[], None],
+        on_lost: Callable[[], None],
     ):
-        self.claim, self.settings = claim, settings
+        self.claim, self.settings, self.db = claim, settings, db
         self.on_cancel, self.on_lost = on_cancel, on_lost
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.job_id}", daemon=True)
@@ -217,7 +223,7 @@ class Heartbeat:
         job_id, attempt, lease_s = self.claim.job_id, self.claim.attempt, self.settings.lease_s
         while not self._stop.wait(self.settings.heartbeat_s):
             try:
-                with session_scope() as session:
+                with self.db.session() as session:
                     beat = jobs.heartbeat(session=session, job_id=job_id, attempt=attempt, lease_s=lease_s)
             except Exception as exc:  # noqa: BLE001 - keep beating; if the lease runs out, the next beat says so
                 log.warning("job %s: heartbeat failed: %s", job_id, exc)

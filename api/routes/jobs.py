@@ -10,9 +10,9 @@ from fastapi.responses import FileResponse
 
 from api.deps import (
     AUTHENTICATED,
-    EnqueueDep,
     JobDep,
     PageLimitDep,
+    SendDep,
     SessionDep,
     SettingsDep,
     SpecBody,
@@ -20,11 +20,11 @@ from api.deps import (
     WriteSessionDep,
     require_json,
 )
-from api.dispatch import dispatch
 from api.errors import ApiError, problem
 from api.schemas import BAD_CURSOR, BAD_JSON_BODY, ERRORS, ErrorBody, JobPublic, JobsPage, TransitionPublic
 from core import jobs, notify
 from core.config import Settings
+from core.dispatch import dispatch
 from core.models import JobStatus
 from core.submit import Caps, submit
 
@@ -54,7 +54,7 @@ def create_job(
     session: WriteSessionDep,
     tenant: TenantDep,
     settings: SettingsDep,
-    enqueue: EnqueueDep,
+    send: SendDep,
     idempotency_key: IdempotencyKey = None,
 ) -> JobPublic:
     """Submit a job spec (the body is the spec itself). The job is stored and committed, then sent to a worker; if
@@ -70,7 +70,7 @@ def create_job(
     job = submitted.job
     # Only the request that created the job sends it: a replay could race that send. The outbox sweep sends
     # whatever the broker missed.
-    if submitted.created and dispatch(session, job, enqueue):
+    if submitted.created and dispatch(session, job, send):
         session.refresh(job)  # marked dispatched (updated_at moved): answer exactly what a replay will answer
     response.status_code = 201 if submitted.created else 200
     response.headers["Location"] = f"/v1/jobs/{job.job_id}"

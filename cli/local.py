@@ -1,4 +1,4 @@
-"""The `trickserve` command: train locally, validate specs, run the service, and talk to it as a client."""
+"""Commands that need no service: run a spec in this process (`train`), check it (`validate`), print the schema."""
 
 from __future__ import annotations
 
@@ -9,14 +9,11 @@ from pathlib import Path
 
 from pydantic import ValidationError
 
-from api import client
 from core.spec import JobSpec, SpecError, load_spec, spec_errors
 
 
-def main(argv: list[str] | None = None) -> int:
-    parser = argparse.ArgumentParser(prog="trickserve", description=__doc__)
-    sub = parser.add_subparsers(dest="command", required=True)
-
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `train`, `validate` and `schema` to the `trickserve` parser."""
     p = sub.add_parser("train", help="run a spec locally with a live progress bar")
     p.add_argument("spec")
     p.add_argument("--out", required=True, help="run directory: result.json, checkpoint, model, spec")
@@ -30,10 +27,6 @@ def main(argv: list[str] | None = None) -> int:
 
     p = sub.add_parser("schema", help="print the JSON Schema of a job spec")
     p.set_defaults(func=cmd_schema)
-
-    client.register(sub)
-    args = parser.parse_args(argv)
-    return args.func(args)
 
 
 def read_spec_or_exit(path: str) -> JobSpec:
@@ -65,6 +58,7 @@ def cmd_validate(args: argparse.Namespace) -> int:
 
 
 def cmd_train(args: argparse.Namespace) -> int:
+    from cli.progress import ProgressBar
     from core.engine import train
     from core.engine.advice import advise
     from core.engine.checkpoint import CHECKPOINT_NAME
@@ -78,8 +72,6 @@ def cmd_train(args: argparse.Namespace) -> int:
     resume = out / CHECKPOINT_NAME if args.resume else None
     if resume is not None and not resume.exists():
         sys.exit(f"error: nothing to resume: {resume} does not exist")
-    from api.progress import ProgressBar
-
     try:
         with ProgressBar(spec.name, spec.train.epochs) as bar:
             result = train(spec, [bar], device=args.device, resume_from=resume, out_dir=out)
@@ -95,7 +87,3 @@ def cmd_train(args: argparse.Namespace) -> int:
 
 def _fmt(v: float | None) -> str:
     return "n/a" if v is None else f"{v:.4f}"
-
-
-if __name__ == "__main__":
-    raise SystemExit(main())

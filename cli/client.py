@@ -1,4 +1,4 @@
-"""Service commands (`up`, `api`, `worker`, `migrate`) and HTTP client commands (`submit`, `jobs`, `show`, ...)."""
+"""The HTTP client commands (`submit`, `jobs`, `show`, `cancel`, `metrics`, `watch`) and the event-stream reader."""
 
 from __future__ import annotations
 
@@ -6,39 +6,19 @@ import argparse
 import json
 import os
 import sys
+import time
 from collections.abc import Iterator
 from typing import Any
 
 import httpx
 
+from cli.local import read_spec_or_exit
+
 DEFAULT_URL = "http://127.0.0.1:8000"
-TERMINAL = ("succeeded", "early_stopped", "failed", "cancelled")
 
 
 def register(sub: argparse._SubParsersAction) -> None:
-    """Add the service and client subcommands to the `trickserve` parser."""
-    from api import admin, supervisor
-
-    p = sub.add_parser("up", help="run the API and workers on the embedded default (SQLite + filesystem broker)")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="worker processes (one job each at a time)")
-    p.set_defaults(func=supervisor.cmd_up)
-
-    p = sub.add_parser("api", help="run the HTTP API only")
-    p.add_argument("--host", default="127.0.0.1")
-    p.add_argument("--port", type=int, default=8000)
-    p.set_defaults(func=supervisor.cmd_api)
-
-    p = sub.add_parser("worker", help="run one Celery worker process")
-    p.add_argument("--queues", default="cpu,gpu", help="comma-separated queues to consume")
-    p.add_argument("--concurrency", type=int, default=1)
-    p.set_defaults(func=supervisor.cmd_worker)
-
-    p = sub.add_parser("migrate", help="upgrade the database schema to the latest version")
-    p.set_defaults(func=supervisor.cmd_migrate)
-    admin.register(sub)
-
+    """Add the client subcommands to the `trickserve` parser."""
     p = sub.add_parser("submit", help="submit a spec to the service")
     p.add_argument("spec")
     p.add_argument("--watch", action="store_true", help="follow the job live until it ends")
@@ -50,8 +30,11 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--limit", type=int, default=20)
     p.set_defaults(func=cmd_jobs)
 
-    for name, func, text in (("show", cmd_show, "show one job"), ("cancel", cmd_cancel, "cancel a job"),
-                             ("watch", cmd_watch, "follow a job's events live")):
+    for name, func, text in (
+        ("show", cmd_show, "show one job"),
+        ("cancel", cmd_cancel, "cancel a job"),
+        ("watch", cmd_watch, "follow a job's events live"),
+    ):
         p = sub.add_parser(name, help=text)
         p.add_argument("job")
         p.set_defaults(func=func)
@@ -73,9 +56,10 @@ def api_key() -> str | None:
     """TRICKSERVE_API_KEY, else the key `trickserve up` wrote to $TRICKSERVE_HOME/api-key."""
     if os.environ.get("TRICKSERVE_API_KEY"):
         return os.environ["TRICKSERVE_API_KEY"]
-    from core.config import get_settings
+    from cli.keys import KEY_FILE
+    from core.config import Settings
 
-    path = get_settings().home / "api-key"
+    path = Settings().home / KEY_FILE
     return path.read_text().strip() if path.exists() else None
 
 
@@ -100,8 +84,9 @@ def call(method: str, path: str, **kwargs: Any) -> Any:
 def _die(r: httpx.Response) -> None:
     try:
         err = r.json()["error"]
-        detail = "".join(f"\n  {d.get('path', '')}: {d.get('message', d)}" for d in err.get("details") or []
-                         if isinstance(d, dict))
+        detail = "".join(
+            f"\n  {d.get('path', '')}: {d.get('message', d)}" for d in err.get("details") or [] if isinstance(d, dict)
+        )
         sys.exit(f"error {r.status_code} {err['code']}: {err['message']}{detail}")
     except (ValueError, KeyError, TypeError):
         sys.exit(f"error {r.status_code}: {r.text[:500]}")
@@ -111,8 +96,6 @@ def _die(r: httpx.Response) -> None:
 
 
 def cmd_submit(args: argparse.Namespace) -> int:
-    from api.cli import read_spec_or_exit
-
     spec = read_spec_or_exit(args.spec)
     headers = {"Idempotency-Key": args.idempotency_key} if args.idempotency_key else {}
     job = call("POST", "/v1/jobs", json=spec.model_dump(mode="json", exclude_unset=True), headers=headers)
@@ -131,7 +114,7 @@ def cmd_watch(args: argparse.Namespace) -> int:
 
 def watch(job_id: str, name: str, epochs: int) -> int:
     """Follow the job's event stream with a progress bar; print the final metrics; exit 0 on success."""
-    from api.progress import ProgressBar
+    from cli.progress import ProgressBar
 
     with ProgressBar(name, epochs) as bar:
         for kind, event in stream_events(job_id):
@@ -151,8 +134,10 @@ def stream_events(job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
     while failures < 30:
         headers = {"Last-Event-ID": last_id} if last_id else {}
         try:
-            with client(timeout=httpx.Timeout(30.0, read=120.0)) as c, \
-                    c.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as r:
+            with (
+                client(timeout=httpx.Timeout(30.0, read=120.0)) as c,
+                c.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as r,
+            ):
                 if r.status_code == 204:  # resumed after the end: nothing more will come
                     return
                 if r.status_code >= 400:
@@ -166,8 +151,6 @@ def stream_events(job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
                         return
         except httpx.TransportError:
             failures += 1
-            import time
-
             time.sleep(min(5.0, 0.5 * failures))
     sys.exit("error: lost the event stream")
 
@@ -198,8 +181,10 @@ def cmd_jobs(args: argparse.Namespace) -> int:
     page = call("GET", "/v1/jobs", params=params)
     for j in page["items"]:
         acc = (j.get("final_metrics") or {}).get("test/acc")
-        print(f"{j['id']}  {j['status']:<13} {j['name']:<24} {j['created_at']}  "
-              f"{'' if acc is None else f'test/acc={acc:.4f}'}")
+        print(
+            f"{j['id']}  {j['status']:<13} {j['name']:<24} {j['created_at']}  "
+            f"{'' if acc is None else f'test/acc={acc:.4f}'}"
+        )
     return 0
 
 

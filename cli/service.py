@@ -1,0 +1,116 @@
+"""Service commands: `up` (the embedded default: API plus supervised workers), `api`, `worker` and `migrate`.
+
+These are the entry points of the service's processes: each reads the settings once and passes them down."""
+
+from __future__ import annotations
+
+import argparse
+import contextlib
+import os
+import sys
+from collections.abc import Callable, Iterator
+
+import uvicorn
+
+from core.config import Settings
+
+
+def register(sub: argparse._SubParsersAction) -> None:
+    """Add `up`, `api`, `worker` and `migrate` to the `trickserve` parser."""
+    p = sub.add_parser("up", help="run the API and workers on the embedded default (SQLite + filesystem broker)")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.add_argument("--workers", type=int, default=1, help="worker processes (one job each at a time)")
+    p.set_defaults(func=cmd_up)
+
+    p = sub.add_parser("api", help="run the HTTP API only")
+    p.add_argument("--host", default="127.0.0.1")
+    p.add_argument("--port", type=int, default=8000)
+    p.set_defaults(func=cmd_api)
+
+    p = sub.add_parser("worker", help="run one Celery worker process")
+    p.add_argument("--queues", default="cpu,gpu", help="comma-separated queues to consume")
+    p.add_argument("--concurrency", type=int, default=1)
+    p.set_defaults(func=cmd_worker)
+
+    p = sub.add_parser("migrate", help="upgrade the database schema to the latest version")
+    p.set_defaults(func=cmd_migrate)
+
+
+def worker_argv(queues: str, concurrency: int, name: str) -> list[str]:
+    """The command line of one Celery worker process consuming `queues`."""
+    return [sys.executable, "-m", "celery", "-A", "worker.main", "worker", "-Q", queues,
+            "-c", str(concurrency), "-n", f"{name}@%h", "--loglevel", "INFO"]  # fmt: skip
+
+
+def cmd_migrate(args: argparse.Namespace) -> int:
+    from core.db import init_db
+
+    init_db(Settings().database_url)
+    print("database schema is up to date")
+    return 0
+
+
+def cmd_worker(args: argparse.Namespace) -> int:
+    argv = worker_argv(args.queues, args.concurrency, f"worker-{os.getpid()}")
+    os.execv(argv[0], argv)
+    return 0  # not reached
+
+
+def cmd_api(args: argparse.Namespace) -> int:
+    serve(Settings(), args.host, args.port, log_level="info")
+    return 0
+
+
+def cmd_up(args: argparse.Namespace) -> int:
+    """Embedded default: migrate, start supervised workers, serve the API until Ctrl-C or SIGTERM, then stop the
+    workers. Workers never outlive this process (see cli.supervisor)."""
+    from cli.keys import ensure_embedded_key
+    from cli.supervisor import WorkerPool
+    from core.db import init_db
+
+    settings = Settings()
+    os.environ["TRICKSERVE_HOME"] = str(settings.home)  # children resolve the same folder whatever their cwd
+    settings.ensure_dirs()
+    init_db(settings.database_url)
+    key, created = ensure_embedded_key(settings)
+    if created:
+        print(f"trickserve: created API key for tenant 'default' (saved to {settings.home / 'api-key'}):\n{key}")
+    pool = WorkerPool([worker_argv("cpu,gpu", 1, f"worker{i}") for i in range(args.workers)])
+    pool.start()
+    print(f"trickserve: API on http://{args.host}:{args.port} (docs at /docs), {args.workers} worker(s), "
+          f"data in {settings.home}", flush=True)
+    try:
+        serve(settings, args.host, args.port, log_level="warning", before_exit=pool.stop)
+    finally:
+        pool.stop()  # a crash of the server; after a signal the pool is already stopped
+    return 0
+
+
+def serve(
+    settings: Settings, host: str, port: int, *, log_level: str, before_exit: Callable[[], None] | None = None
+) -> None:
+    """Serve the API on host:port until a signal, publishing jobs through the worker's Celery app."""
+    from api.main import create_app
+    from worker.celery_app import publisher
+
+    app = create_app(settings, send=publisher(settings))
+    _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level), before_exit).run()
+
+
+class _Server(uvicorn.Server):
+    """uvicorn's server, with a hook that runs after its shutdown and before it re-raises the signal it caught.
+    That re-raise ends the process at once (SIGTERM's default action), so no `finally` of the caller would run."""
+
+    def __init__(self, config: uvicorn.Config, before_exit: Callable[[], None] | None):
+        super().__init__(config)
+        self.before_exit = before_exit
+
+    @contextlib.contextmanager
+    def capture_signals(self) -> Iterator[None]:
+        with super().capture_signals():
+            try:
+                yield
+            finally:
+                if self.before_exit is not None:
+                    self.before_exit()
