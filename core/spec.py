@@ -4,18 +4,19 @@ from __future__ import annotations
 
 import json
 import re
+from dataclasses import dataclass
 from pathlib import Path
 from typing import Annotated, Any, Literal
 
 import yaml
 from pydantic import BaseModel, ConfigDict, Field, ValidationError, field_validator, model_validator
 
-BUILTIN_DATASETS = ("builtin:digits", "builtin:mnist1d", "builtin:synthetic")
 DATASET_ID = re.compile(r"^ds_[A-Za-z0-9]{6,40}$")
 MONITORS = ("train/loss", "train/acc", "val/loss", "val/acc")
 # Which direction improves each monitorable value; mirrors Keras' `mode="auto"` (loss down, accuracy up).
 MONITOR_MODE = {"loss": "min", "acc": "max", "accuracy": "max"}
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+InputKind = Literal["image", "signal", "vector"]
 
 
 class Strict(BaseModel):
@@ -145,11 +146,59 @@ class AugmentSpec(Strict):
         return [name for name in ("crop", "rotate", "flip", "color", "contrast", "noise") if getattr(self, name)]
 
 
+# ----------------------------------------------------------------------------------- built-in datasets
+
+
+@dataclass(frozen=True)
+class BuiltinDataset:
+    """What a built-in dataset holds, known without loading it (tests/engine/test_data.py checks it)."""
+
+    name: str
+    kind: InputKind
+    input_shape: tuple[int, ...]  # of one example
+    n_classes: int
+    n_examples: int  # besides the test split the dataset ships; split.val and split.test apply to these
+    description: str
+    n_test: int = 0  # examples of the dataset's own test split
+    normalized: bool = False  # standardized by its generator already
+
+    @property
+    def ships_test_split(self) -> bool:
+        return self.n_test > 0
+
+
+def _synthetic_sized(s: SyntheticSpec) -> BuiltinDataset:
+    """builtin:synthetic with the kind, shape and sizes that `s` asks for."""
+    shape = tuple(s.shape) if s.shape else (s.n_features,)
+    kind: InputKind = "vector" if len(shape) == 1 else ("signal" if len(shape) == 2 else "image")
+    description = "Gaussian classes of the shape and sizes given in data.synthetic"
+    return BuiltinDataset("builtin:synthetic", kind, shape, s.n_classes, s.n_samples, description)
+
+
+BUILTINS: dict[str, BuiltinDataset] = {
+    b.name: b
+    for b in (
+        BuiltinDataset("builtin:digits", "image", (1, 8, 8), 10, 1797, "8x8 images of handwritten digits"),
+        BuiltinDataset(
+            "builtin:mnist1d",
+            "signal",
+            (1, 40),
+            10,
+            4000,
+            "standardized 1-D signals of 40 samples, with their own test split",
+            n_test=1000,
+            normalized=True,
+        ),
+        _synthetic_sized(SyntheticSpec()),  # at the defaults; builtin_info() sizes it from the spec
+    )
+}
+
+
 class DataSpec(Strict):
     dataset: str = Field(
         "builtin:digits",
-        description="builtin:digits | builtin:mnist1d | builtin:synthetic | ds_<id> (uploaded) | "
-        "a local .npz/.csv/.zip path (command line only)",
+        description=" | ".join(f"{b.name} ({b.description})" for b in BUILTINS.values())
+        + " | ds_<id> (uploaded) | a local .npz/.csv/.zip path (command line only)",
     )
     synthetic: SyntheticSpec = Field(default_factory=SyntheticSpec, description="sizes of builtin:synthetic")
     label_column: str = Field("label", max_length=200, description="name of the label column of a .csv dataset")
@@ -173,8 +222,8 @@ class DataSpec(Strict):
     @field_validator("dataset")
     @classmethod
     def _known_source(cls, v: str) -> str:
-        if v.startswith("builtin:") and v not in BUILTIN_DATASETS:
-            raise ValueError(f"unknown built-in dataset; choose one of {', '.join(BUILTIN_DATASETS)}")
+        if v.startswith("builtin:") and v not in BUILTINS:
+            raise ValueError(f"unknown built-in dataset; choose one of {', '.join(BUILTINS)}")
         if v.startswith("ds_") and not DATASET_ID.match(v):
             raise ValueError("dataset ids look like ds_<letters and digits>")
         if not (v.startswith(("builtin:", "ds_")) or v.endswith((".npz", ".csv", ".zip"))):
@@ -401,16 +450,17 @@ class JobSpec(Strict):
         return self
 
 
-def builtin_input_kind(data: DataSpec) -> Literal["image", "signal", "vector"] | None:
-    """What a built-in dataset's examples are; None when only loading the file can tell."""
-    if data.dataset == "builtin:digits":
-        return "image"
-    if data.dataset == "builtin:mnist1d":
-        return "signal"
+def builtin_info(data: DataSpec) -> BuiltinDataset | None:
+    """The built-in dataset the spec names, builtin:synthetic sized as the spec asks; None for other data."""
     if data.dataset == "builtin:synthetic":
-        shape = data.synthetic.shape
-        return "vector" if shape is None else ("signal" if len(shape) == 2 else "image")
-    return None
+        return _synthetic_sized(data.synthetic)
+    return BUILTINS.get(data.dataset)
+
+
+def builtin_input_kind(data: DataSpec) -> InputKind | None:
+    """What a built-in dataset's examples are; None when only loading the file can tell."""
+    info = builtin_info(data)
+    return None if info is None else info.kind
 
 
 def _canonical_monitor(v: str) -> str:

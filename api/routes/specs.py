@@ -13,13 +13,10 @@ from api.schemas import BAD_JSON_BODY, ERRORS, SpecValidation
 from core.datasets import get_dataset
 from core.engine.advice import advise
 from core.engine.data import check_augment
-from core.spec import JobSpec, SpecError
+from core.spec import JobSpec, SpecError, builtin_info
 from core.submit import Caps, InvalidSpec, check_caps, check_references, parse_spec, queue_for
 
 router = APIRouter(prefix="/v1/specs", tags=["specs"], dependencies=AUTHENTICATED, responses=ERRORS)
-
-# Example shape and class count of the built-in datasets (builtin:synthetic takes its own from the spec).
-BUILTIN_INPUTS = {"builtin:digits": ((1, 8, 8), 10), "builtin:mnist1d": ((1, 40), 10)}
 
 
 @router.post("/validate", dependencies=[Depends(require_json)], responses=BAD_JSON_BODY)
@@ -42,11 +39,9 @@ def validate_spec(spec: SpecBody, session: SessionDep, tenant: TenantDep, settin
 
 def _inputs(session: Session, tenant_id: str, spec: JobSpec) -> tuple[tuple[int, ...], int]:
     """Shape of one example and the number of classes the model will see."""
-    data = spec.data
-    if data.dataset == "builtin:synthetic":
-        shape, n_classes = tuple(data.synthetic.shape or (data.synthetic.n_features,)), data.synthetic.n_classes
-    elif data.dataset in BUILTIN_INPUTS:
-        shape, n_classes = BUILTIN_INPUTS[data.dataset]
+    data, builtin = spec.data, builtin_info(spec.data)
+    if builtin is not None:
+        shape, n_classes = builtin.input_shape, builtin.n_classes
     else:
         dataset = get_dataset(session, tenant_id, data.dataset)
         assert dataset is not None  # check_references found it

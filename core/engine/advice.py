@@ -8,7 +8,7 @@ from typing import Literal
 
 from core.engine.init import RELU_LIKE, resolve_init
 from core.engine.models import count_blocks
-from core.spec import JobSpec, builtin_input_kind
+from core.spec import JobSpec, builtin_info, builtin_input_kind
 
 Severity = Literal["info", "warning", "danger"]
 
@@ -17,10 +17,6 @@ LITTLE_DATA = 10_000  # training examples below which augmentation and freezing 
 DEEP = 4  # blocks from which a net counts as deep (more than 3 hidden layers)
 MANY_EPOCHS = 30
 ADAM_MAX_LR = 0.01
-# Examples (besides any test split the dataset ships) and classes of the built-in datasets, to estimate the
-# training-set size before loading it. MNIST-1D ships its 1000 test examples, so split.test does not apply.
-BUILTIN_SIZES = {"builtin:digits": (1797, 10), "builtin:mnist1d": (4000, 10)}
-SHIPS_TEST = ("builtin:mnist1d",)
 
 
 @dataclass
@@ -41,16 +37,12 @@ def advise(spec: JobSpec, n_train: int | None = None) -> list[Advice]:
 
 def estimate_train_size(spec: JobSpec) -> int | None:
     """Training examples a built-in dataset will give after splits and filters; None for uploaded data."""
-    data = spec.data
-    if data.dataset == "builtin:synthetic":
-        total, n_classes = data.synthetic.n_samples, data.synthetic.n_classes
-    elif data.dataset in BUILTIN_SIZES:
-        total, n_classes = BUILTIN_SIZES[data.dataset]
-    else:
+    data, info = spec.data, builtin_info(spec.data)
+    if info is None:
         return None
-    kept = len(data.classes) if data.classes else n_classes
-    held_out = data.split.val + (0 if data.dataset in SHIPS_TEST else data.split.test)
-    n = int(total * (1 - held_out) * kept / n_classes)
+    kept = len(data.classes) if data.classes else info.n_classes
+    held_out = data.split.val + (0 if info.ships_test_split else data.split.test)
+    n = int(info.n_examples * (1 - held_out) * kept / info.n_classes)
     return min(n, data.max_per_class * kept) if data.max_per_class else n
 
 
@@ -138,8 +130,9 @@ def _early_stopping(spec: JobSpec, n: int | None) -> Advice | None:
 
 
 def _no_normalization(spec: JobSpec, n: int | None) -> Advice | None:
-    # MNIST-1D is standardized by its generator already.
-    if spec.data.normalize == "none" and spec.data.dataset != "builtin:mnist1d":
+    info = builtin_info(spec.data)
+    already = info is not None and info.normalized  # e.g. MNIST-1D, standardized by its generator
+    if spec.data.normalize == "none" and not already:
         msg = "Inputs on different scales make training unstable and slow; normalize them (standardize)."
         return Advice("NO_NORMALIZATION", msg, "data.normalize")
     return None

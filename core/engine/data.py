@@ -8,6 +8,7 @@ from __future__ import annotations
 
 import functools
 import random
+from collections.abc import Callable
 from dataclasses import dataclass
 from pathlib import Path
 
@@ -91,13 +92,8 @@ def check_augment(augment: AugmentSpec, kind: str) -> None:
 
 
 def _read(spec: DataSpec, path: str | None) -> Raw:
-    if path is None and spec.dataset == "builtin:digits":
-        return _digits()
-    if path is None and spec.dataset == "builtin:mnist1d":
-        x, y, x_test, y_test = _mnist1d_arrays()  # copies below: the cached arrays are shared
-        return _numbered(10, x[:, None].copy(), y.copy(), (x_test[:, None].copy(), y_test.copy()))
-    if path is None and spec.dataset == "builtin:synthetic":
-        return _synthetic(spec.synthetic)
+    if path is None and spec.dataset in LOADERS:
+        return LOADERS[spec.dataset](spec)
     if path is None and not spec.dataset.endswith((".npz", ".csv", ".zip")):
         raise SpecError("data.dataset", f"{spec.dataset} must be resolved to a file by the service")
     return read_file(Path(path or spec.dataset), spec.label_column)
@@ -113,6 +109,11 @@ def _digits() -> Raw:
 def _numbered(k: int, x: np.ndarray, y: np.ndarray, test: tuple[np.ndarray, np.ndarray] | None = None) -> Raw:
     """A dataset whose labels already are 0..k-1."""
     return Raw(x, y, [str(i) for i in range(k)], list(range(k)), test)
+
+
+def _mnist1d() -> Raw:
+    x, y, x_test, y_test = _mnist1d_arrays()  # copies below: the cached arrays are shared
+    return _numbered(10, x[:, None].copy(), y.copy(), (x_test[:, None].copy(), y_test.copy()))
 
 
 @functools.lru_cache(maxsize=1)
@@ -142,6 +143,14 @@ def _synthetic(s: SyntheticSpec) -> Raw:
     y = rng.permutation(np.arange(s.n_samples) % s.n_classes)
     x = centres[y] + rng.standard_normal((s.n_samples, n_feat), dtype=np.float32)
     return _numbered(s.n_classes, x.reshape(-1, *shape), y.astype(np.int64))
+
+
+# One loader for each entry of core.spec.BUILTINS, which describes what it returns.
+LOADERS: dict[str, Callable[[DataSpec], Raw]] = {
+    "builtin:digits": lambda spec: _digits(),
+    "builtin:mnist1d": lambda spec: _mnist1d(),
+    "builtin:synthetic": lambda spec: _synthetic(spec.synthetic),
+}
 
 
 # -------------------------------------------------------------------------------- splits and labels

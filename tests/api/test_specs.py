@@ -8,7 +8,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from core.engine.models import build_model
-from core.spec import ModelSpec
+from core.spec import BUILTINS, ModelSpec
 from tests.api.conftest import RecordingEnqueue
 from tests.api.factories import make_spec, npz_bytes
 
@@ -36,6 +36,14 @@ def test_dry_run_counts_the_parameters_of_the_model_for_the_data(
     assert body["parameter_count"] == parameters(model, shape, n_classes)
     assert body["spec"]["optim"]["name"] == "adam" and body["queue"] == "cpu"
     assert enqueue.calls == [] and client.get("/v1/jobs").json()["items"] == []  # nothing was submitted
+
+
+@pytest.mark.parametrize("name", BUILTINS)
+def test_dry_run_reports_the_builtin_table_shape_and_classes(client: TestClient, name: str):
+    r = client.post("/v1/specs/validate", json=make_spec(data={"dataset": name}, model={"arch": "linear"}))
+    assert r.status_code == 200, r.text
+    table = BUILTINS[name]
+    assert (r.json()["input_shape"], r.json()["n_classes"]) == (list(table.input_shape), table.n_classes)
 
 
 def test_dry_run_gives_the_same_advice_as_a_submission(client: TestClient):

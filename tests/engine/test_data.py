@@ -11,7 +11,7 @@ from PIL import Image
 
 from core.engine import data, files
 from core.engine.data import describe_dataset, load_data
-from core.spec import DataSpec, SpecError
+from core.spec import BUILTINS, DataSpec, SpecError, builtin_info
 
 
 def make_spec(**overrides) -> DataSpec:
@@ -132,6 +132,31 @@ def test_label_noise_flips_that_fraction_of_train_and_val_but_no_test_label():
 
 
 # ------------------------------------------------------------------------------------- builtins
+
+
+def test_every_builtin_dataset_has_a_loader_and_every_loader_a_table_entry():
+    assert set(data.LOADERS) == set(BUILTINS)
+
+
+@pytest.mark.parametrize(
+    "spec",
+    [
+        *(make_spec(dataset=name) for name in BUILTINS),
+        make_spec(dataset="builtin:synthetic", synthetic={"n_samples": 300, "n_classes": 5, "shape": [3, 6, 6]}),
+        synthetic(shape=[2, 10], n=250),
+    ],
+    ids=lambda spec: f"{spec.dataset}:{spec.synthetic.shape}",
+)
+def test_builtin_table_describes_what_the_loader_returns(spec: DataSpec):
+    info, raw = builtin_info(spec), data.LOADERS[spec.dataset](spec)
+    assert info is not None
+    assert (raw.x.shape[1:], files.KINDS[raw.x.ndim]) == (info.input_shape, info.kind)
+    assert list(np.unique(raw.y)) == raw.values == list(range(info.n_classes))
+    assert len(raw.y) == info.n_examples and info.ships_test_split == (raw.test is not None)
+    if raw.test is not None:
+        assert raw.test[0].shape == (info.n_test, *info.input_shape) and set(np.unique(raw.test[1])) <= set(raw.values)
+    if info.normalized:
+        assert abs(raw.x.mean()) < 0.05 and abs(raw.x.std() - 1) < 0.05
 
 
 def test_mnist1d_uses_its_own_split_and_leaves_global_rngs_alone():
