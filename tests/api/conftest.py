@@ -1,4 +1,4 @@
-"""API test fixtures: a migrated SQLite file per test, the app with a recording enqueue, a TestClient
+"""API test fixtures: a migrated SQLite file per test, the app with a recording send, a TestClient
 authenticated as tenant `default`, and a real uvicorn server for streams."""
 
 from __future__ import annotations
@@ -20,7 +20,6 @@ from fastapi import FastAPI
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from api.deps import get_enqueue
 from api.main import create_app
 from core.config import Settings
 from core.db import create_db_engine, init_db, make_sessionmaker
@@ -77,9 +76,7 @@ def enqueue() -> RecordingEnqueue:
 @pytest.fixture
 def make_app(enqueue: RecordingEnqueue) -> Callable[[Settings], FastAPI]:
     def make(settings: Settings) -> FastAPI:
-        app = create_app(settings)
-        app.dependency_overrides[get_enqueue] = lambda: enqueue
-        return app
+        return create_app(settings, send=enqueue)
 
     return make
 

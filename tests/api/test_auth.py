@@ -5,18 +5,17 @@ from __future__ import annotations
 
 import os
 import stat
-from collections.abc import Callable, Iterator
+from collections.abc import Callable
 from typing import Any
 
 import httpx
 import pytest
 from fastapi.testclient import TestClient
 
-from api import cli
-from api.auth import KEY_FILE, ensure_embedded_key
+from cli import main as cli
+from cli.keys import KEY_FILE, ensure_embedded_key
 from core import tenants
-from core.config import Settings, get_settings
-from core.db import reset_engine
+from core.config import Settings
 from tests.api.factories import make_spec, new_key
 
 OPEN_PATHS = {"/healthz", "/readyz", "/metrics"}
@@ -148,21 +147,17 @@ def test_embedded_key_is_replaced_when_revoked_and_tightened_when_loosened(setti
 
 
 @pytest.fixture
-def admin(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Iterator[Callable[..., str]]:
+def admin(settings: Settings, monkeypatch: pytest.MonkeyPatch) -> Callable[..., str]:
     """Run `trickserve ...` in this process on the test's database; returns its standard output."""
     monkeypatch.setenv("TRICKSERVE_HOME", str(settings.home))
     monkeypatch.setenv("TRICKSERVE_DATABASE_URL", settings.database_url)
-    get_settings.cache_clear()
-    reset_engine()
 
     def run(*argv: str, capsys: pytest.CaptureFixture[str]) -> str:
         capsys.readouterr()
         assert cli.main(list(argv)) == 0
         return capsys.readouterr().out
 
-    yield run
-    get_settings.cache_clear()
-    reset_engine()
+    return run
 
 
 def test_keys_create_list_revoke(admin: Callable[..., str], client: TestClient, capsys: pytest.CaptureFixture[str]):
