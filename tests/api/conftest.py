@@ -23,7 +23,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from api.main import create_app
 from core.config import Settings
 from core.db import create_db_engine, init_db, make_sessionmaker
-from tests.api.factories import auth_headers
+from tests.factories import auth_headers
 
 TEST_SETTINGS: dict[str, Any] = {"max_upload_mb": 1, "max_body_kb": 64, "default_page_size": 20, "max_page_size": 100}
 

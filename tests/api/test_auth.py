@@ -16,7 +16,7 @@ from cli import main as cli
 from cli.keys import KEY_FILE, ensure_embedded_key
 from core import tenants
 from core.config import Settings
-from tests.api.factories import make_spec, new_key
+from tests.factories import make_spec, new_key
 
 OPEN_PATHS = {"/healthz", "/readyz", "/metrics"}
 METRICS_TOKEN = "metrics-token-for-tests"

@@ -12,7 +12,7 @@ from fastapi.testclient import TestClient
 from PIL import Image
 
 from core.config import Settings
-from tests.api.factories import make_spec, npz_bytes
+from tests.factories import make_spec, npz_bytes
 
 
 def upload(client: TestClient, filename: str, content: bytes, **fields: str):

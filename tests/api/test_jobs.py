@@ -15,7 +15,7 @@ from core import jobs
 from core.engine.checkpoint import save_model
 from core.models import Job
 from tests.api.conftest import RecordingEnqueue
-from tests.api.factories import claim, finish, make_spec
+from tests.factories import claim, finish, make_spec
 
 
 def submit(client: TestClient, spec: dict | None = None, **kwargs) -> dict:
@@ -283,4 +283,4 @@ def test_model_download_is_the_safetensors_file_with_its_spec(
 def test_spec_download_is_the_resolved_spec(client: TestClient):
     job = submit(client)
     r = client.get(f"/v1/jobs/{job['id']}/spec")
-    assert r.status_code == 200 and r.json() == job["spec"] and r.json()["train"]["batch_size"] == 128
+    assert r.status_code == 200 and r.json() == job["spec"] and r.json()["optim"]["weight_decay"] == 0.0

@@ -6,7 +6,7 @@ import pytest
 from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
-from tests.api.factories import claim, epoch_event, make_spec, record
+from tests.factories import claim, epoch_event, make_spec, record
 
 EPOCHS = 5
 

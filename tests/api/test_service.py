@@ -13,7 +13,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.config import Settings
-from tests.api.factories import auth_headers, claim, epoch_event, make_spec, record
+from tests.factories import auth_headers, claim, epoch_event, make_spec, record
 
 REDIS_URL = "redis://127.0.0.1:6379/0"
 METRICS_TOKEN = "metrics-token-for-tests"

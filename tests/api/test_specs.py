@@ -10,7 +10,7 @@ from fastapi.testclient import TestClient
 from core.engine.models import build_model
 from core.spec import BUILTINS, ModelSpec
 from tests.api.conftest import RecordingEnqueue
-from tests.api.factories import make_spec, npz_bytes
+from tests.factories import make_spec, npz_bytes
 
 
 def parameters(model: dict, shape: tuple[int, ...], n_classes: int) -> int:
@@ -20,10 +20,10 @@ def parameters(model: dict, shape: tuple[int, ...], n_classes: int) -> int:
 @pytest.mark.parametrize(
     ("data", "model", "shape", "n_classes"),
     [
-        ({}, {"arch": "mlp", "layers": [16]}, (1, 8, 8), 10),
+        ({"dataset": "builtin:digits"}, {"arch": "mlp", "layers": [16]}, (1, 8, 8), 10),
         ({"dataset": "builtin:mnist1d"}, {"arch": "cnn", "layers": [8, 16]}, (1, 40), 10),
         ({"dataset": "builtin:synthetic", "synthetic": {"n_features": 7, "n_classes": 4}}, {"arch": "linear"}, (7,), 4),
-        ({"classes": [3, 5, 8]}, {"arch": "resnet", "layers": [8]}, (1, 8, 8), 3),
+        ({"dataset": "builtin:digits", "classes": [3, 5, 8]}, {"arch": "resnet", "layers": [8]}, (1, 8, 8), 3),
     ],
 )
 def test_dry_run_counts_the_parameters_of_the_model_for_the_data(
@@ -40,7 +40,8 @@ def test_dry_run_counts_the_parameters_of_the_model_for_the_data(
 
 @pytest.mark.parametrize("name", BUILTINS)
 def test_dry_run_reports_the_builtin_table_shape_and_classes(client: TestClient, name: str):
-    r = client.post("/v1/specs/validate", json=make_spec(data={"dataset": name}, model={"arch": "linear"}))
+    spec = {**make_spec(model={"arch": "linear"}), "data": {"dataset": name}}  # the table's own sizes
+    r = client.post("/v1/specs/validate", json=spec)
     assert r.status_code == 200, r.text
     table = BUILTINS[name]
     assert (r.json()["input_shape"], r.json()["n_classes"]) == (list(table.input_shape), table.n_classes)

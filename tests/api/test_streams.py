@@ -15,7 +15,7 @@ import redis
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import jobs, notify
-from tests.api.factories import claim, epoch_event, finish, make_spec, record
+from tests.factories import claim, epoch_event, finish, make_spec, record
 
 READ_TIMEOUT_S = 5.0
 REDIS_URL = "redis://127.0.0.1:6379/0"

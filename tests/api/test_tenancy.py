@@ -12,7 +12,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 
 from core.models import Job
-from tests.api.factories import as_tenant, claim, epoch_event, finish, make_spec, npz_bytes, record
+from tests.factories import as_tenant, claim, epoch_event, finish, make_spec, npz_bytes, record
 
 
 @dataclass
