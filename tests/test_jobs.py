@@ -14,24 +14,20 @@ import pytest
 import sqlalchemy as sa
 from sqlalchemy.orm import Session, sessionmaker
 
-from core import jobs
+from core import jobs, tenants
 from core.db import create_db_engine, make_sessionmaker
 from core.engine.callbacks import Event
 from core.models import Artifact, FailureClass, Job, JobEvent, JobStatus, utcnow
-from core.spec import JobSpec
+from tests.factories import make_job_spec
 
 Sessions = sessionmaker[Session]
 LEASE_S = 30.0
 
 
-def make_spec(**overrides: Any) -> JobSpec:
-    return JobSpec.model_validate({"name": "digits", **overrides})
-
-
 def submit(sessions: Sessions, tenant: str = "acme", max_attempts: int = 3, **kwargs: Any) -> Job:
     with sessions() as s:
-        jobs.ensure_tenant(session=s, tenant_id=tenant)
-        spec = kwargs.pop("spec", None) or make_spec(resources={"max_attempts": max_attempts})
+        tenants.create_tenant(session=s, tenant_id=tenant)
+        spec = kwargs.pop("spec", None) or make_job_spec(resources={"max_attempts": max_attempts})
         return jobs.create_job(session=s, tenant_id=tenant, spec=spec, advice=[], **kwargs)
 
 
@@ -106,7 +102,7 @@ def in_threads(n: int, fn: Callable[[int], Any]) -> list[Any]:
 def test_lifecycle_from_submit_to_success(session_factory: Sessions) -> None:
     job = submit(session_factory)
     assert job.job_id.startswith("job_") and len(job.job_id) == 24
-    assert (job.status, job.attempt, job.max_attempts, job.spec["name"]) == (JobStatus.queued, 0, 3, "digits")
+    assert (job.status, job.attempt, job.max_attempts, job.spec["name"]) == (JobStatus.queued, 0, 3, "tiny")
 
     got = claim(session_factory, job.job_id)
     assert got is not None and got.attempt == 1 and got.checkpoint_path is None
@@ -203,7 +199,7 @@ def test_finish_rejects_a_non_terminal_status_or_a_stray_failure_class(session_f
 
 def test_unknown_tenant_is_refused_by_the_foreign_key(session_factory: Sessions) -> None:
     with session_factory() as s, pytest.raises(sa.exc.IntegrityError):
-        jobs.create_job(session=s, tenant_id="nobody", spec=make_spec(), advice=[])
+        jobs.create_job(session=s, tenant_id="nobody", spec=make_job_spec(), advice=[])
 
 
 # ------------------------------------------------------------------------------------ claim, fencing
@@ -342,7 +338,7 @@ def test_idempotency_key_returns_the_first_job_or_conflicts(session_factory: Ses
     first = submit(session_factory, idempotency_key="k1")
     assert submit(session_factory, idempotency_key="k1").job_id == first.job_id
     with pytest.raises(jobs.IdempotencyConflict):
-        submit(session_factory, idempotency_key="k1", spec=make_spec(name="other"))
+        submit(session_factory, idempotency_key="k1", spec=make_job_spec(name="other"))
     assert submit(session_factory, tenant="globex", idempotency_key="k1").job_id != first.job_id
     assert submit(session_factory).job_id != submit(session_factory).job_id
     with session_factory() as s:
@@ -351,11 +347,12 @@ def test_idempotency_key_returns_the_first_job_or_conflicts(session_factory: Ses
 
 def test_concurrent_submits_with_one_key_make_one_job(session_factory: Sessions) -> None:
     with session_factory() as s:
-        jobs.ensure_tenant(session=s, tenant_id="acme")
+        tenants.create_tenant(session=s, tenant_id="acme")
 
     def create(_: int) -> str:
         with session_factory() as s:
-            return jobs.create_job(session=s, tenant_id="acme", spec=make_spec(), advice=[], idempotency_key="k").job_id
+            job = jobs.create_job(session=s, tenant_id="acme", spec=make_job_spec(), advice=[], idempotency_key="k")
+            return job.job_id
 
     assert len(set(in_threads(6, create))) == 1
     with session_factory() as s:
@@ -366,8 +363,8 @@ def test_concurrent_submits_with_one_key_make_one_job(session_factory: Sessions)
 
 
 def test_list_filters_apply_before_the_limit_and_cursors_page_through(session_factory: Sessions) -> None:
-    made = [submit(session_factory, spec=make_spec(name="a" if i % 3 else "b")) for i in range(12)]
-    submit(session_factory, tenant="globex", spec=make_spec(name="a"))
+    made = [submit(session_factory, spec=make_job_spec(name="a" if i % 3 else "b")) for i in range(12)]
+    submit(session_factory, tenant="globex", spec=make_job_spec(name="a"))
     with session_factory() as s:
         for job in made[:4]:
             jobs.request_cancel(session=s, job_id=job.job_id, tenant_id="acme")

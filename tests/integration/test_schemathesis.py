@@ -19,7 +19,7 @@ from api.main import create_app
 from core.config import Settings
 from core.db import init_db
 from tests.api.conftest import RecordingEnqueue, serve
-from tests.api.factories import new_key
+from tests.factories import new_key
 
 pytestmark = pytest.mark.integration
 

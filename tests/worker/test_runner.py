@@ -10,28 +10,26 @@ import numpy as np
 import sqlalchemy as sa
 import torch
 
-from core import jobs
-from core.config import Settings
-from core.db import session_scope
+from core import jobs, tenants
 from core.models import Artifact, Dataset, Job, JobEvent, utcnow
-from tests.worker.conftest import TENANT, events, load, make_spec, slow_spec, statuses, submit, wait_for
+from tests.factories import TENANT, Backend, make_spec, slow_spec, wait_for
 from worker import runner
 
 
-def run(job_id: str, settings: Settings) -> str:
-    return runner.run_job(job_id, worker_id="test-worker", settings=settings)
+def run(job_id: str, backend: Backend) -> str:
+    return runner.run_job(job_id, worker_id="test-worker", settings=backend.settings, db=backend.db)
 
 
 class Background:
     """runner.run_job in a thread, so that the test can act on the job while it trains."""
 
-    def __init__(self, job_id: str, settings: Settings):
+    def __init__(self, job_id: str, backend: Backend):
         self.result: str | None = None
-        self.thread = threading.Thread(target=self._run, args=(job_id, settings), daemon=True)
+        self.thread = threading.Thread(target=self._run, args=(job_id, backend), daemon=True)
         self.thread.start()
 
-    def _run(self, job_id: str, settings: Settings) -> None:
-        self.result = run(job_id, settings)
+    def _run(self, job_id: str, backend: Backend) -> None:
+        self.result = run(job_id, backend)
 
     def join(self, timeout: float = 30.0) -> str | None:
         self.thread.join(timeout)
@@ -39,111 +37,111 @@ class Background:
         return self.result
 
 
-def checkpointed(job_id: str) -> int | None:
-    return load(job_id).checkpoint_step
+def checkpointed(backend: Backend, job_id: str) -> int | None:
+    return backend.load(job_id).checkpoint_step
 
 
-def test_succeeded_job_stores_events_metrics_model_and_artifacts(settings):
-    job = submit(make_spec())
-    assert run(job.job_id, settings) == "succeeded"
-    done = load(job.job_id)
-    assert statuses(job.job_id) == ["queued", "running", "succeeded"]
+def test_succeeded_job_stores_events_metrics_model_and_artifacts(backend):
+    job = backend.submit(make_spec())
+    assert run(job.job_id, backend) == "succeeded"
+    done = backend.load(job.job_id)
+    assert backend.statuses(job.job_id) == ["queued", "running", "succeeded"]
     assert done.attempt == 1 and done.failure_class is None and done.stop_reason is None
     assert done.final_metrics["test/acc"] > 0.5 and "val/loss" in done.final_metrics
-    assert [e.epoch for e in events(job.job_id, "epoch_end")] == [1, 2, 3]
-    assert events(job.job_id, "progress") and len(events(job.job_id, "test")) == 1
+    assert [e.epoch for e in backend.events(job.job_id, "epoch_end")] == [1, 2, 3]
+    assert backend.events(job.job_id, "progress") and len(backend.events(job.job_id, "test")) == 1
     assert Path(done.model_path).is_file() and Path(done.checkpoint_path).is_file()
-    with session_scope(read_only=True) as session:
+    with backend.session(read_only=True) as session:
         kinds = set(session.scalars(sa.select(Artifact.kind).where(Artifact.job_id == job.job_id)))
     assert kinds == {"checkpoint", "model"}
 
 
-def test_early_stopped_job_records_the_early_stop(settings):
+def test_early_stopped_job_records_the_early_stop(backend):
     stopping = {"monitor": "val/loss", "patience": 0, "min_delta": 100.0}  # no epoch can improve on the first
-    job = submit(make_spec(train={"epochs": 10, "early_stopping": stopping}))
-    assert run(job.job_id, settings) == "early_stopped"
-    done = load(job.job_id)
+    job = backend.submit(make_spec(train={"epochs": 10, "early_stopping": stopping}))
+    assert run(job.job_id, backend) == "early_stopped"
+    done = backend.load(job.job_id)
     assert done.status == "early_stopped" and done.stop_reason == "early_stop"
-    assert len(events(job.job_id, "early_stop")) == 1 and len(events(job.job_id, "epoch_end")) == 2
+    assert len(backend.events(job.job_id, "early_stop")) == 1 and len(backend.events(job.job_id, "epoch_end")) == 2
     assert done.best_metrics["epoch"] == 1 and done.model_path is not None
 
 
-def test_diverging_job_fails_as_diverged(settings):
+def test_diverging_job_fails_as_diverged(backend):
     model = {"batch_norm": False, "init": "normal", "init_scale": 10.0}
-    job = submit(make_spec(optim={"name": "sgd", "lr": 10.0}, model=model, train={"epochs": 20}))
-    assert run(job.job_id, settings) == "failed"
-    done = load(job.job_id)
+    job = backend.submit(make_spec(optim={"name": "sgd", "lr": 10.0}, model=model, train={"epochs": 20}))
+    assert run(job.job_id, backend) == "failed"
+    done = backend.load(job.job_id)
     assert (done.failure_class, done.stop_reason) == ("diverged", "diverged")
-    assert done.model_path is None and events(job.job_id, "diverged")
+    assert done.model_path is None and backend.events(job.job_id, "diverged")
 
 
-def test_unreadable_dataset_fails_as_invalid_spec_with_a_one_line_message(settings):
-    path = settings.dataset_dir / "broken.npz"
+def test_unreadable_dataset_fails_as_invalid_spec_with_a_one_line_message(backend):
+    path = backend.settings.dataset_dir / "broken.npz"
     path.parent.mkdir(parents=True, exist_ok=True)
     path.write_bytes(b"this is not a zip archive")
-    with session_scope() as session:
-        jobs.ensure_tenant(session=session, tenant_id=TENANT)
+    with backend.session() as session:
+        tenants.create_tenant(session=session, tenant_id=TENANT)
         session.add(Dataset(dataset_id="ds_broken01", tenant_id=TENANT, name="b", filename="b.npz", path=str(path),
                             size_bytes=25))  # fmt: skip
         session.commit()
-    job = submit(make_spec(data={"dataset": "ds_broken01"}))
-    assert run(job.job_id, settings) == "failed"
-    done = load(job.job_id)
+    job = backend.submit(make_spec(data={"dataset": "ds_broken01"}))
+    assert run(job.job_id, backend) == "failed"
+    done = backend.load(job.job_id)
     assert done.failure_class == "invalid_spec" and done.failure_message.startswith("data.dataset")
     assert "\n" not in done.failure_message and "Traceback" not in done.failure_message
 
 
-def test_stored_spec_that_no_longer_validates_fails_as_invalid_spec(settings):
-    job = submit(make_spec())
-    with session_scope() as session:  # e.g. stored by an older version with other rules
+def test_stored_spec_that_no_longer_validates_fails_as_invalid_spec(backend):
+    job = backend.submit(make_spec())
+    with backend.session() as session:  # e.g. stored by an older version with other rules
         session.execute(sa.update(Job).where(Job.job_id == job.job_id).values(spec={"name": 3}))
         session.commit()
-    assert run(job.job_id, settings) == "failed"
-    done = load(job.job_id)
+    assert run(job.job_id, backend) == "failed"
+    done = backend.load(job.job_id)
     assert done.failure_class == "invalid_spec" and done.failure_message.startswith("name:")
 
 
-def test_unexpected_error_fails_as_internal_with_a_one_line_message(settings):
-    source = submit(make_spec())
-    assert run(source.job_id, settings) == "succeeded"
-    job = submit(make_spec(transfer={"from_job": source.job_id, "freeze": "small"}))
-    Path(load(source.job_id).model_path).unlink()  # the source's weights vanished from the artifact store
-    assert run(job.job_id, settings) == "failed"
-    done = load(job.job_id)
+def test_unexpected_error_fails_as_internal_with_a_one_line_message(backend):
+    source = backend.submit(make_spec())
+    assert run(source.job_id, backend) == "succeeded"
+    job = backend.submit(make_spec(transfer={"from_job": source.job_id, "freeze": "small"}))
+    Path(backend.load(source.job_id).model_path).unlink()  # the source's weights vanished from the artifact store
+    assert run(job.job_id, backend) == "failed"
+    done = backend.load(job.job_id)
     assert done.failure_class == "internal" and "\n" not in done.failure_message
     assert done.failure_message.split(":")[0].endswith("Error")
 
 
-def test_cancel_during_run_ends_cancelled_with_a_checkpoint(settings):
-    job = submit(slow_spec(epochs=40))
-    worker = Background(job.job_id, settings)
-    step = wait_for(lambda: checkpointed(job.job_id), what="the first checkpoint")
-    with session_scope() as session:
+def test_cancel_during_run_ends_cancelled_with_a_checkpoint(backend):
+    job = backend.submit(slow_spec(epochs=40))
+    worker = Background(job.job_id, backend)
+    step = wait_for(lambda: checkpointed(backend, job.job_id), what="the first checkpoint")
+    with backend.session() as session:
         jobs.request_cancel(session=session, job_id=job.job_id, tenant_id=TENANT)
     assert worker.join(timeout=10) == "cancelled"
-    done = load(job.job_id)
-    assert statuses(job.job_id) == ["queued", "running", "cancelling", "cancelled"]
+    done = backend.load(job.job_id)
+    assert backend.statuses(job.job_id) == ["queued", "running", "cancelling", "cancelled"]
     assert done.stop_reason == "cancelled" and done.checkpoint_step > step
     assert Path(done.checkpoint_path).is_file()
-    assert len(events(job.job_id, "epoch_end")) < 40
+    assert len(backend.events(job.job_id, "epoch_end")) < 40
 
 
-def test_fenced_attempt_stops_and_writes_nothing_more(settings):
-    job = submit(slow_spec(epochs=40))
-    worker = Background(job.job_id, settings)
-    wait_for(lambda: events(job.job_id, "epoch_end"), what="the first epoch")
-    with session_scope() as session:  # as if the reaper re-queued it and another worker claimed attempt 2
+def test_fenced_attempt_stops_and_writes_nothing_more(backend):
+    job = backend.submit(slow_spec(epochs=40))
+    worker = Background(job.job_id, backend)
+    wait_for(lambda: backend.events(job.job_id, "epoch_end"), what="the first epoch")
+    with backend.session() as session:  # as if the reaper re-queued it and another worker claimed attempt 2
         session.execute(sa.update(Job).where(Job.job_id == job.job_id).values(attempt=Job.attempt + 1))
         before = _attempt_rows(session, job.job_id)
         session.commit()
         snapshot = session.get_one(Job, job.job_id)
     assert worker.join(timeout=10) == "fenced"
-    after = load(job.job_id)
-    with session_scope(read_only=True) as session:
+    after = backend.load(job.job_id)
+    with backend.session(read_only=True) as session:
         assert _attempt_rows(session, job.job_id) == before
     assert (after.status, after.attempt, after.finished_at, after.model_path) == ("running", 2, None, None)
     assert after.checkpoint_step == snapshot.checkpoint_step
-    assert not (runner.attempt_dir(settings, job.job_id, 1) / "model.safetensors").exists()
+    assert not (runner.attempt_dir(backend.settings, job.job_id, 1) / "model.safetensors").exists()
 
 
 def _attempt_rows(session, job_id: str) -> int:
@@ -151,35 +149,35 @@ def _attempt_rows(session, job_id: str) -> int:
     return session.scalar(query)
 
 
-def test_requeued_job_resumes_from_its_checkpoint_without_duplicate_points(settings):
-    job = submit(slow_spec(epochs=6))
-    worker = Background(job.job_id, settings)
-    step = wait_for(lambda: checkpointed(job.job_id), what="the first checkpoint")
-    with session_scope() as session:  # the lease runs out: the reaper puts the job back in the queue
+def test_requeued_job_resumes_from_its_checkpoint_without_duplicate_points(backend):
+    job = backend.submit(slow_spec(epochs=6))
+    worker = Background(job.job_id, backend)
+    step = wait_for(lambda: checkpointed(backend, job.job_id), what="the first checkpoint")
+    with backend.session() as session:  # the lease runs out: the reaper puts the job back in the queue
         assert jobs.requeue_expired(session=session, now=utcnow() + timedelta(minutes=5)) == [job.job_id]
     assert worker.join(timeout=10) == "fenced"
-    resumed_from = load(job.job_id).checkpoint_step
+    resumed_from = backend.load(job.job_id).checkpoint_step
     assert resumed_from >= step
 
-    assert run(job.job_id, settings) == "succeeded"
-    done = load(job.job_id)
-    assert done.attempt == 2 and statuses(job.job_id) == ["queued", "running", "queued", "running", "succeeded"]
-    [resumed] = events(job.job_id, "resumed")
+    assert run(job.job_id, backend) == "succeeded"
+    done = backend.load(job.job_id)
+    assert done.attempt == 2 and backend.statuses(job.job_id) == ["queued", "running", "queued", "running", "succeeded"]
+    [resumed] = backend.events(job.job_id, "resumed")
     assert resumed.attempt == 2 and resumed.data["from_step"] == resumed_from
-    assert [e.epoch for e in events(job.job_id, "epoch_end")] == [1, 2, 3, 4, 5, 6]
+    assert [e.epoch for e in backend.events(job.job_id, "epoch_end")] == [1, 2, 3, 4, 5, 6]
     for kind in ("epoch_end", "progress"):
-        steps = [e.step for e in events(job.job_id, kind)]
+        steps = [e.step for e in backend.events(job.job_id, kind)]
         assert len(steps) == len(set(steps)), f"duplicate {kind} points"
         assert steps == sorted(steps)
     assert np.isfinite(done.final_metrics["test/loss"])
 
 
-def test_a_message_for_a_job_that_is_not_queued_is_dropped(settings):
-    job = submit(make_spec())
-    assert run(job.job_id, settings) == "succeeded"
-    assert run(job.job_id, settings) == "dropped"
-    assert run("job_doesnotexist", settings) == "dropped"
-    assert load(job.job_id).attempt == 1
+def test_a_message_for_a_job_that_is_not_queued_is_dropped(backend):
+    job = backend.submit(make_spec())
+    assert run(job.job_id, backend) == "succeeded"
+    assert run(job.job_id, backend) == "dropped"
+    assert run("job_doesnotexist", backend) == "dropped"
+    assert backend.load(job.job_id).attempt == 1
 
 
 def test_failures_get_a_class_and_a_one_line_message():
