@@ -72,9 +72,9 @@ def service(mode: str):
         headers = _prepare(env)
         port = free_port()
         procs = [
-            subprocess.Popen([sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--port", str(port),
-                              "--log-level", "warning"], cwd=REPO, env=env),
-            subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "cpu,gpu",
+            subprocess.Popen([sys.executable, "-m", "cli.main", "api", "--port", str(port)], cwd=REPO, env=env,
+                             stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
+            subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.main", "worker", "-Q", "cpu,gpu",
                               "--loglevel", "WARNING", "-n", f"bench-{mode}@%h"], cwd=REPO, env=env,
                              stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL),
         ]
@@ -99,18 +99,12 @@ def _nothing():
 
 
 def _prepare(env: dict[str, str]) -> dict[str, str]:
-    """Migrate, and create a tenant key when the service requires one."""
-    code = ("from core.db import init_db; init_db()\n"
-            "try:\n"
-            "    from core.db import session_scope; from core import tenants\n"
-            "    with session_scope() as s:\n"
-            "        tenants.create_tenant(session=s, tenant_id='bench', name='bench')\n"
-            "        print(tenants.create_api_key(session=s, tenant_id='bench'))\n"
-            "except ImportError:\n"
-            "    print('')\n")
-    out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=env, capture_output=True, text=True, check=True)
-    key = out.stdout.strip().splitlines()[-1] if out.stdout.strip() else ""
-    return {"Authorization": f"Bearer {key}"} if key else {}
+    """`trickserve migrate` and `trickserve keys create`, as an operator sets the service up; the key's header."""
+    trickserve = [sys.executable, "-m", "cli.main"]
+    subprocess.run([*trickserve, "migrate"], cwd=REPO, env=env, capture_output=True, check=True)
+    out = subprocess.run([*trickserve, "keys", "create", "--tenant", "bench"], cwd=REPO, env=env,
+                         capture_output=True, text=True, check=True)
+    return {"Authorization": f"Bearer {out.stdout.strip().splitlines()[-1]}"}
 
 
 def _wait_ready(base: str) -> None:

@@ -26,6 +26,12 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("api", help="run the HTTP API only")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--graceful-shutdown-s",
+        type=float,
+        default=None,
+        help="on SIGTERM, close connections still open (event streams) after this long; default: wait",
+    )
     p.set_defaults(func=cmd_api)
 
     p = sub.add_parser("worker", help="run one Celery worker process")
@@ -58,7 +64,7 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    serve(Settings(), args.host, args.port, log_level="info")
+    serve(Settings(), args.host, args.port, log_level="info", graceful_shutdown_s=args.graceful_shutdown_s)
     return 0
 
 
@@ -78,8 +84,11 @@ def cmd_up(args: argparse.Namespace) -> int:
         print(f"trickserve: created API key for tenant 'default' (saved to {settings.home / 'api-key'}):\n{key}")
     pool = WorkerPool([worker_argv("cpu,gpu", 1, f"worker{i}") for i in range(args.workers)])
     pool.start()
-    print(f"trickserve: API on http://{args.host}:{args.port} (docs at /docs), {args.workers} worker(s), "
-          f"data in {settings.home}", flush=True)
+    print(
+        f"trickserve: API on http://{args.host}:{args.port} (docs at /docs), {args.workers} worker(s), "
+        f"data in {settings.home}",
+        flush=True,
+    )
     try:
         serve(settings, args.host, args.port, log_level="warning", before_exit=pool.stop)
     finally:
@@ -88,14 +97,23 @@ def cmd_up(args: argparse.Namespace) -> int:
 
 
 def serve(
-    settings: Settings, host: str, port: int, *, log_level: str, before_exit: Callable[[], None] | None = None
+    settings: Settings,
+    host: str,
+    port: int,
+    *,
+    log_level: str,
+    graceful_shutdown_s: float | None = None,
+    before_exit: Callable[[], None] | None = None,
 ) -> None:
     """Serve the API on host:port until a signal, publishing jobs through the worker's Celery app."""
     from api.main import create_app
     from worker.celery_app import publisher
 
     app = create_app(settings, send=publisher(settings))
-    _Server(uvicorn.Config(app, host=host, port=port, log_level=log_level), before_exit).run()
+    config = uvicorn.Config(
+        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_shutdown_s
+    )
+    _Server(config, before_exit).run()
 
 
 class _Server(uvicorn.Server):

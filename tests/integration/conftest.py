@@ -16,18 +16,21 @@ import threading
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
+from dataclasses import dataclass
 from pathlib import Path
 
 import httpx
 import pytest
 import redis
 
-from core.config import Settings, get_settings
-from core.db import init_db, reset_engine, session_scope
+from core import tenants
+from core.config import Settings
+from core.db import Database, init_db
+from core.dispatch import dispatch
 from core.models import Job
 from tests.conftest import _new_postgres_database
-from tests.worker.conftest import TENANT, load, submit, wait_for
-from worker import celery_app
+from tests.factories import TENANT, Backend, wait_for
+from worker.celery_app import WorkerApp, create_app
 
 REPO = Path(__file__).resolve().parents[2]
 REDIS_URL = os.environ.get("TRICKSERVE_TEST_REDIS_URL", "redis://127.0.0.1:6379")
@@ -105,6 +108,41 @@ def _pings(client: redis.Redis) -> bool:
         return False
 
 
+@dataclass
+class Service(Backend):
+    """A Backend whose jobs go to real worker processes through the broker, as the API sends them."""
+
+    publisher: WorkerApp
+
+    def enqueue_new(self, spec: dict, **kwargs: object) -> Job:
+        """Submit through core and dispatch after the commit, as the API does."""
+        job = self.submit(spec, **kwargs)
+        with self.session() as session:
+            assert dispatch(session, job, self.publisher.send_run_job) == [job.job_id]
+        return job
+
+    def wait_terminal(self, job_id: str, *workers: Worker, timeout: float = 25.0) -> Job:
+        try:
+            wait_for(lambda: self.load(job_id).status in TERMINAL, timeout=timeout, what=f"{job_id} to finish")
+        except AssertionError:
+            for worker in workers:
+                print(f"--- {worker.log_path.name}\n{worker.log()}")
+            raise
+        return self.load(job_id)
+
+    def running_pid(self, job_id: str) -> int:
+        """The process that runs the job now: worker ids are `<node>/<pid>` of the pool child holding the lease."""
+        owner = self.load(job_id).lease_owner
+        assert owner, f"{job_id} is not running"
+        return int(owner.rsplit("/", 1)[1])
+
+    def api_key(self, tenant_id: str = TENANT) -> str:
+        """A new bearer key of `tenant_id`."""
+        with self.session() as session:
+            tenants.create_tenant(session=session, tenant_id=tenant_id)
+            return tenants.create_api_key(session=session, tenant_id=tenant_id, name="tests")
+
+
 def configure(
     monkeypatch: pytest.MonkeyPatch,
     home: Path,
@@ -112,9 +150,10 @@ def configure(
     broker_url: str,
     redis_url: str | None = None,
     **extra: str,
-) -> Settings:
-    """Point this process and the workers it starts (through TRICKSERVE_* variables) at these backends, with the
-    FAST lease timings (`extra` overrides them: NAME=value without the prefix); rebuilds `celery_app.app`."""
+) -> Service:
+    """Point the workers and API servers this test starts (through TRICKSERVE_* variables) at these backends, with
+    the FAST lease timings (`extra` overrides them: NAME=value without the prefix); this process gets the same
+    settings, its own database connections and a publisher for them. Close it with `close`."""
     monkeypatch.setenv("TRICKSERVE_HOME", str(home))
     # Tiny models gain nothing from threads, and spinning OpenMP threads slow a job on a busy CI machine tenfold.
     monkeypatch.setenv("OMP_NUM_THREADS", "1")
@@ -126,11 +165,15 @@ def configure(
         monkeypatch.setenv("TRICKSERVE_REDIS_URL", redis_url)
     else:
         monkeypatch.delenv("TRICKSERVE_REDIS_URL", raising=False)
-    get_settings.cache_clear()
-    reset_engine()
-    settings = get_settings()
-    monkeypatch.setattr(celery_app, "app", celery_app.create_app(settings))
-    return settings
+    settings = Settings()  # what the processes started with this environment read
+    db = Database.from_settings(settings)
+    publisher = create_app(settings)
+    publisher.db = db
+    return Service(settings, db, publisher)
+
+
+def close(service: Service) -> None:
+    service.db.dispose()
 
 
 @contextmanager
@@ -145,30 +188,30 @@ def _databases(mode: str, tmp_path: Path, migrated_sqlite: Path) -> Iterator[tup
 
 
 @contextmanager
-def service_in(mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_sqlite: Path) -> Iterator[Settings]:
+def service_in(mode: str, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, migrated_sqlite: Path) -> Iterator[Service]:
     with _databases(mode, tmp_path, migrated_sqlite) as (database_url, broker_url):
         redis_url = broker_url if broker_url.startswith("redis") else None
-        yield configure(monkeypatch, tmp_path / "home", database_url, broker_url, redis_url)
-        reset_engine()
-        get_settings.cache_clear()
+        service = configure(monkeypatch, tmp_path / "home", database_url, broker_url, redis_url)
+        yield service
+        close(service)
 
 
 @pytest.fixture(params=["embedded", "production"])
-def service(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_sqlite: Path) -> Iterator[Settings]:
-    """Process settings for one mode (short heartbeat, lease and reaper interval), shared with the workers through
-    TRICKSERVE_* variables; `celery_app.app` is rebuilt from them."""
+def service(request, tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_sqlite: Path) -> Iterator[Service]:
+    """The service's backends in one mode (short heartbeat, lease and reaper interval), shared with the workers
+    through TRICKSERVE_* variables."""
     with service_in(request.param, tmp_path, monkeypatch, _migrated_sqlite) as settings:
         yield settings
 
 
 @pytest.fixture
-def embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_sqlite: Path) -> Iterator[Settings]:
+def embedded(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_sqlite: Path) -> Iterator[Service]:
     with service_in("embedded", tmp_path, monkeypatch, _migrated_sqlite) as settings:
         yield settings
 
 
 @pytest.fixture
-def production(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_sqlite: Path) -> Iterator[Settings]:
+def production(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_sqlite: Path) -> Iterator[Service]:
     with service_in("production", tmp_path, monkeypatch, _migrated_sqlite) as settings:
         yield settings
 
@@ -178,7 +221,7 @@ class Worker:
 
     def __init__(self, log_path: Path, queues: str = "cpu,gpu", env: dict[str, str] | None = None):
         self.log_path = log_path
-        argv = [sys.executable, "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", queues,
+        argv = [sys.executable, "-m", "celery", "-A", "worker.main", "worker", "-Q", queues,
                 "-n", f"test-{secrets.token_hex(4)}@%h", "--loglevel", "INFO",
                 "--without-mingle", "--without-gossip", "--without-heartbeat"]  # fmt: skip
         with open(log_path, "wb") as log:
@@ -216,46 +259,11 @@ def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
         worker.kill()
 
 
-def enqueue_new(spec: dict, **kwargs) -> Job:
-    """Submit through core and enqueue after the commit, as the API does."""
-    job = submit(spec, **kwargs)
-    celery_app.enqueue(job.job_id, job.queue)
-    return job
-
-
-def wait_terminal(job_id: str, *workers: Worker, timeout: float = 25.0) -> Job:
-    try:
-        wait_for(lambda: load(job_id).status in TERMINAL, timeout=timeout, what=f"{job_id} to finish")
-    except AssertionError:
-        for worker in workers:
-            print(f"--- {worker.log_path.name}\n{worker.log()}")
-        raise
-    return load(job_id)
-
-
-def running_pid(job_id: str) -> int:
-    """The process that runs the job now: worker ids are `<node>/<pid>` of the pool child holding the lease."""
-    owner = load(job_id).lease_owner
-    assert owner, f"{job_id} is not running"
-    return int(owner.rsplit("/", 1)[1])
-
-
 # --------------------------------------------------------------------------------------------- the API
 
 
-def api_key(settings: Settings, tenant_id: str = TENANT) -> str | None:
-    """A bearer key of `tenant_id` when the API authenticates (core.tenants exists), else None."""
-    try:
-        from core import tenants
-    except ImportError:
-        return None
-    with session_scope() as session:
-        tenants.create_tenant(session=session, tenant_id=tenant_id)
-        return tenants.create_api_key(session=session, tenant_id=tenant_id, name="tests")
-
-
 class ApiServer:
-    """`uvicorn api.main:create_app` in a process of its own on a fixed port: `stop` it (SIGTERM, then SIGKILL)
+    """`trickserve api` in a process of its own on a fixed port: `stop` it (SIGTERM, then SIGKILL)
     and `start` it again on the same port and database, as a deploy or a crash would."""
 
     def __init__(self, log_path: Path, key: str | None):
@@ -266,8 +274,8 @@ class ApiServer:
         self.start()
 
     def start(self) -> None:
-        argv = [sys.executable, "-m", "uvicorn", "api.main:create_app", "--factory", "--host", "127.0.0.1",
-                "--port", str(self.port), "--timeout-graceful-shutdown", "2"]  # fmt: skip
+        argv = [sys.executable, "-m", "cli.main", "api", "--host", "127.0.0.1", "--port", str(self.port),
+                "--graceful-shutdown-s", "2"]  # fmt: skip
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self._answers, timeout=30, what="the API to answer")
@@ -300,11 +308,11 @@ class ApiServer:
 
 
 @pytest.fixture
-def start_api(tmp_path: Path) -> Iterator[Callable[[Settings], ApiServer]]:
+def start_api(tmp_path: Path) -> Iterator[Callable[[Service], ApiServer]]:
     servers: list[ApiServer] = []
 
-    def start(settings: Settings) -> ApiServer:
-        servers.append(ApiServer(tmp_path / f"api-{len(servers)}.log", api_key(settings)))
+    def start(service: Service) -> ApiServer:
+        servers.append(ApiServer(tmp_path / f"api-{len(servers)}.log", service.api_key()))
         return servers[-1]
 
     yield start

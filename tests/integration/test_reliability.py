@@ -22,28 +22,29 @@ import pytest
 import sqlalchemy as sa
 import torch
 
-from api.supervisor import WorkerPool, worker_argv
+from cli.service import worker_argv
+from cli.supervisor import WorkerPool
 from core import jobs
-from core.config import Settings, get_settings
-from core.db import get_engine, init_db, reset_engine, session_scope
+from core.config import Settings
+from core.db import init_db
 from core.engine import Callback, Recorder, StopFlag, train
 from core.engine.callbacks import RunContext
 from core.engine.checkpoint import load_checkpoint, load_model_file
 from core.models import Artifact, Job, JobEvent, JobTransition
 from core.spec import JobSpec
 from tests.conftest import _new_postgres_database
+from tests.factories import TENANT, make_spec, slow_spec, wait_for
 from tests.integration.conftest import (
     REPO,
     Follower,
     OwnRedis,
+    Service,
     Worker,
+    close,
     configure,
-    enqueue_new,
-    running_pid,
-    wait_terminal,
 )
-from tests.worker.conftest import TENANT, events, load, make_spec, slow_spec, statuses, submit, wait_for
-from worker import celery_app, faults, reaper
+from worker import faults, reaper
+from worker.celery_app import create_app
 
 pytestmark = pytest.mark.integration
 METRICS = ("progress", "epoch_end", "test")
@@ -53,18 +54,9 @@ OUTAGE_S = 4.0  # long enough for the worker's reconnect back-off (2 s, then 4 s
 # ------------------------------------------------------------------------------------------- helpers
 
 
-def configure_again(monkeypatch: pytest.MonkeyPatch) -> Settings:
-    """Settings re-read after a test changed TRICKSERVE_* variables, and the Celery app rebuilt from them."""
-    get_settings.cache_clear()
-    reset_engine()
-    settings = get_settings()
-    monkeypatch.setattr(celery_app, "app", celery_app.create_app(settings))
-    return settings
-
-
-def assert_one_point_per_step(job_id: str, epochs: int) -> list[JobEvent]:
+def assert_one_point_per_step(service: Service, job_id: str, epochs: int) -> list[JobEvent]:
     """Each metric kind has one event per step, epoch_end one per epoch 1..epochs; returns all the events."""
-    everything = events(job_id)
+    everything = service.events(job_id)
     per_step = Counter((e.kind, e.step) for e in everything if e.kind in METRICS)
     assert [key for key, n in per_step.items() if n > 1] == []
     assert [e.epoch for e in everything if e.kind == "epoch_end"] == list(range(1, epochs + 1))
@@ -77,13 +69,13 @@ def assert_model_loads(model_path: str) -> None:
     assert all(torch.isfinite(t.float()).all() for t in tensors.values())
 
 
-def checkpoint_after(job_id: str, step: int = 0) -> int | None:
+def checkpoint_after(service: Service, job_id: str, step: int = 0) -> int | None:
     """The job's checkpoint step once it is past `step` (None before)."""
-    ckpt = load(job_id).checkpoint_step
+    ckpt = service.load(job_id).checkpoint_step
     return ckpt if ckpt is not None and ckpt > step else None
 
 
-def assert_resumed_once(job_id: str, from_step: int, everything: list[JobEvent]) -> None:
+def assert_resumed_once(service: Service, job_id: str, from_step: int, everything: list[JobEvent]) -> None:
     """Attempt 2 resumed from `from_step` (the checkpoint the database pointed at), and its first metric is the
     step after it, not step 0."""
     [resumed] = [e for e in everything if e.kind == "resumed"]
@@ -102,27 +94,27 @@ def test_killed_worker_job_resumes_from_its_checkpoint_on_a_new_process(service,
     """§8.1: the job of a worker killed with SIGKILL (the pool child alone, as the OOM killer does, or the whole
     worker) is re-queued by a reaper once its lease runs out and resumes on a new process from its checkpoint."""
     epochs = 10
-    job = enqueue_new(slow_spec(epochs=epochs))
+    job = service.enqueue_new(slow_spec(epochs=epochs))
     first = start_worker()
-    ckpt = wait_for(lambda: checkpoint_after(job.job_id), timeout=30, what="the first checkpoint")
-    wait_for(lambda: events(job.job_id, "progress")[-1].step > ckpt, what="progress past the checkpoint")
-    victim = running_pid(job.job_id)
+    ckpt = wait_for(lambda: checkpoint_after(service, job.job_id), timeout=30, what="the first checkpoint")
+    wait_for(lambda: service.events(job.job_id, "progress")[-1].step > ckpt, what="progress past the checkpoint")
+    victim = service.running_pid(job.job_id)
     if target == "pool child":
         os.kill(victim, signal.SIGKILL)  # the worker's main process lives on, forks a new child and reaps the job
         workers = [first]
     else:
         first.kill()
         workers = [start_worker()]
-    killed_at, checkpoint_step = time.monotonic(), load(job.job_id).checkpoint_step  # attempt 2 resumes from it
+    killed_at, checkpoint_step = time.monotonic(), service.load(job.job_id).checkpoint_step  # attempt 2 resumes from it
     if target == "pool child":  # the worker lives on: the job is back within the lease plus a sweep (and slack)
-        wait_for(lambda: load(job.job_id).attempt == 2, timeout=30, what="attempt 2")
-        assert time.monotonic() - killed_at < service.lease_s + service.reaper_interval_s + 3
-    done = wait_terminal(job.job_id, *workers, timeout=40)
+        wait_for(lambda: service.load(job.job_id).attempt == 2, timeout=30, what="attempt 2")
+        assert time.monotonic() - killed_at < service.settings.lease_s + service.settings.reaper_interval_s + 3
+    done = service.wait_terminal(job.job_id, *workers, timeout=40)
     assert done.status == "succeeded" and done.attempt == 2, done.failure_message
-    assert statuses(job.job_id) == ["queued", "running", "queued", "running", "succeeded"]
-    assert running_pid(job.job_id) != victim
-    everything = assert_one_point_per_step(job.job_id, epochs)
-    assert_resumed_once(job.job_id, checkpoint_step, everything)
+    assert service.statuses(job.job_id) == ["queued", "running", "queued", "running", "succeeded"]
+    assert service.running_pid(job.job_id) != victim
+    everything = assert_one_point_per_step(service, job.job_id, epochs)
+    assert_resumed_once(service, job.job_id, checkpoint_step, everything)
     assert len([e for e in everything if e.kind == "test"]) == 1
     assert_model_loads(done.model_path)
 
@@ -131,14 +123,14 @@ def test_kill_between_checkpoint_file_and_its_pointer_resumes_from_the_pointed_c
     """The worker dies after writing its 2nd checkpoint file but before the database points at it: attempt 2 must
     resume from the checkpoint the database names (the 1st), not from a file rewritten under the same name."""
     epochs = 6
-    job = enqueue_new(slow_spec(epochs=epochs))
+    job = embedded.enqueue_new(slow_spec(epochs=epochs))
     crash = {faults.JOB_VAR: job.job_id, faults.AT_VAR: "checkpoint:2", faults.ATTEMPTS_VAR: "1"}
     worker = start_worker(**crash)
-    done = wait_terminal(job.job_id, worker, timeout=40)
+    done = embedded.wait_terminal(job.job_id, worker, timeout=40)
     assert done.status == "succeeded" and done.attempt == 2, done.failure_message
-    everything = assert_one_point_per_step(job.job_id, epochs)
+    everything = assert_one_point_per_step(embedded, job.job_id, epochs)
     first_checkpoint = [e for e in everything if e.kind == "epoch_end"][0].step
-    assert_resumed_once(job.job_id, first_checkpoint, everything)
+    assert_resumed_once(embedded, job.job_id, first_checkpoint, everything)
     assert_model_loads(done.model_path)
 
 
@@ -148,41 +140,42 @@ def test_kill_between_checkpoint_file_and_its_pointer_resumes_from_the_pointed_c
 def test_job_that_kills_its_worker_every_time_fails_as_worker_lost_and_others_run(embedded, start_worker):
     """§8.5: a job whose process dies at its first step, every attempt, is retried max_attempts times then fails
     as worker_lost, without looping; a job submitted alongside succeeds on the same worker."""
-    poison = enqueue_new(make_spec(resources={"max_attempts": 2}))
-    other = enqueue_new(make_spec())
+    poison = embedded.enqueue_new(make_spec(resources={"max_attempts": 2}))
+    other = embedded.enqueue_new(make_spec())
     worker = start_worker(**{faults.JOB_VAR: poison.job_id, faults.AT_VAR: "step:1"})
-    done = wait_terminal(poison.job_id, worker, timeout=40)
+    done = embedded.wait_terminal(poison.job_id, worker, timeout=40)
     assert done.status == "failed" and done.failure_class == "worker_lost", done.failure_message
-    assert done.attempt == 2 and statuses(poison.job_id) == ["queued", "running", "queued", "running", "failed"]
-    assert wait_terminal(other.job_id, worker).status == "succeeded"
+    assert done.attempt == 2
+    assert embedded.statuses(poison.job_id) == ["queued", "running", "queued", "running", "failed"]
+    assert embedded.wait_terminal(other.job_id, worker).status == "succeeded"
     time.sleep(2)  # a few sweeps later nothing moved: no redelivery brought it back
-    assert load(poison.job_id).attempt == 2 and len(statuses(poison.job_id)) == 5
+    assert embedded.load(poison.job_id).attempt == 2 and len(embedded.statuses(poison.job_id)) == 5
     assert worker.proc.poll() is None  # only the pool children died
 
 
 def test_job_cancelled_while_its_worker_is_dead_is_never_retried(embedded, start_worker):
     """§8.6, between retries: the cancel arrives while the job's process is dead and its lease runs out; the
     reaper ends it cancelled instead of retrying it, and the next job runs."""
-    job = enqueue_new(slow_spec(epochs=10))
+    job = embedded.enqueue_new(slow_spec(epochs=10))
     worker = start_worker(**{faults.JOB_VAR: job.job_id, faults.AT_VAR: "step:50", faults.ATTEMPTS_VAR: "1"})
     wait_for(lambda: "exited with 'signal 9" in worker.log(tail=None), timeout=30, what="the pool child to die")
-    with session_scope() as session:
+    with embedded.session() as session:
         jobs.request_cancel(session=session, job_id=job.job_id, tenant_id=TENANT)
-    next_job = enqueue_new(make_spec())
-    done = wait_terminal(job.job_id, worker)
+    next_job = embedded.enqueue_new(make_spec())
+    done = embedded.wait_terminal(job.job_id, worker)
     assert done.status == "cancelled" and done.attempt == 1
-    assert statuses(job.job_id) == ["queued", "running", "cancelling", "cancelled"]
-    assert wait_terminal(next_job.job_id, worker).status == "succeeded"
-    assert load(job.job_id).attempt == 1
+    assert embedded.statuses(job.job_id) == ["queued", "running", "cancelling", "cancelled"]
+    assert embedded.wait_terminal(next_job.job_id, worker).status == "succeeded"
+    assert embedded.load(job.job_id).attempt == 1
 
 
 # ------------------------------------------------------------------------------ 3. stale worker fenced
 
 
-def _holds_lock(settings, job_id: str) -> bool:
+def _holds_lock(service: Service, job_id: str) -> bool:
     """Whether some transaction holds the job's row (PostgreSQL) or the write lock (SQLite) right now: every write
     of a worker locks its job first."""
-    url = sa.make_url(settings.database_url)
+    url = sa.make_url(service.settings.database_url)
     if url.get_backend_name() == "sqlite":
         conn = sqlite3.connect(url.database, timeout=0.1, isolation_level=None)
         try:
@@ -193,7 +186,7 @@ def _holds_lock(settings, job_id: str) -> bool:
             return True
         finally:
             conn.close()
-    with get_engine().connect() as conn:
+    with service.db.engine.connect() as conn:
         try:
             conn.exec_driver_sql("SELECT 1 FROM job WHERE job_id = %(id)s FOR UPDATE NOWAIT", {"id": job_id})
             return False
@@ -203,13 +196,13 @@ def _holds_lock(settings, job_id: str) -> bool:
             conn.rollback()
 
 
-def pause(worker: Worker, settings, job_id: str) -> None:
+def pause(service: Service, worker: Worker, job_id: str) -> None:
     """SIGSTOP the whole worker, at a moment it holds no database lock: a process paused inside a transaction would
     block every other writer of the job (SQLite: of the database) until it is continued."""
     for _ in range(100):
         worker.signal(signal.SIGSTOP)
         time.sleep(0.05)  # the signal has landed everywhere
-        if not _holds_lock(settings, job_id):
+        if not _holds_lock(service, job_id):
             return
         worker.signal(signal.SIGCONT)
         time.sleep(0.02)
@@ -221,35 +214,35 @@ def test_paused_worker_is_fenced_and_its_late_writes_change_nothing(service, sta
     old attempt's writes (events, checkpoint pointer, status) change nothing and it stops by itself; the database
     never shows attempt 1 ending."""
     epochs = 24
-    job = enqueue_new(slow_spec(epochs=epochs))
+    job = service.enqueue_new(slow_spec(epochs=epochs))
     old = start_worker()
-    wait_for(lambda: checkpoint_after(job.job_id), timeout=30, what="the first checkpoint")
-    pause(old, service, job.job_id)
-    paused_at = load(job.job_id).checkpoint_step
+    wait_for(lambda: checkpoint_after(service, job.job_id), timeout=30, what="the first checkpoint")
+    pause(service, old, job.job_id)
+    paused_at = service.load(job.job_id).checkpoint_step
     new = start_worker()
-    wait_for(lambda: load(job.job_id).attempt == 2, timeout=30, what="attempt 2")
-    wait_for(lambda: checkpoint_after(job.job_id, paused_at), timeout=30, what="attempt 2's first checkpoint")
-    before = _attempt_rows(job.job_id, 1)
+    wait_for(lambda: service.load(job.job_id).attempt == 2, timeout=30, what="attempt 2")
+    wait_for(lambda: checkpoint_after(service, job.job_id, paused_at), timeout=30, what="attempt 2's first checkpoint")
+    before = _attempt_rows(service, job.job_id, 1)
 
     old.signal(signal.SIGCONT)
     wait_for(lambda: "'fenced'" in old.log(tail=None), timeout=20, what="attempt 1 to stop")
     assert "attempt 1 was fenced out" in old.log(tail=None)
-    assert _attempt_rows(job.job_id, 1) == before  # nothing attempt 1 wrote after it lost the job was kept
-    now = load(job.job_id)
+    assert _attempt_rows(service, job.job_id, 1) == before  # nothing attempt 1 wrote after it lost the job was kept
+    now = service.load(job.job_id)
     assert now.status == "running" and now.attempt == 2 and "attempt-2" in now.checkpoint_path
 
-    done = wait_terminal(job.job_id, old, new, timeout=40)
+    done = service.wait_terminal(job.job_id, old, new, timeout=40)
     assert done.status == "succeeded" and done.attempt == 2, done.failure_message
-    assert statuses(job.job_id) == ["queued", "running", "queued", "running", "succeeded"]
-    assert _attempt_rows(job.job_id, 1) == before
+    assert service.statuses(job.job_id) == ["queued", "running", "queued", "running", "succeeded"]
+    assert _attempt_rows(service, job.job_id, 1) == before
     assert "attempt-2" in done.checkpoint_path and "attempt-2" in done.model_path
-    everything = assert_one_point_per_step(job.job_id, epochs)
-    assert_resumed_once(job.job_id, paused_at, everything)
+    everything = assert_one_point_per_step(service, job.job_id, epochs)
+    assert_resumed_once(service, job.job_id, paused_at, everything)
 
 
-def _attempt_rows(job_id: str, attempt: int) -> tuple[list, list, list]:
+def _attempt_rows(service: Service, job_id: str, attempt: int) -> tuple[list, list, list]:
     """An attempt's events, transitions and artifacts, as comparable tuples."""
-    with session_scope(read_only=True) as session:
+    with service.session(read_only=True) as session:
         found = [
             session.execute(
                 sa.select(*cols).where(table.job_id == job_id, table.attempt == attempt).order_by(key)
@@ -270,18 +263,17 @@ def test_job_outliving_the_redis_visibility_timeout_runs_exactly_once(production
     """§8.2: with a 2 s visibility timeout Redis hands the running job's message to the idle second worker; the
     claim drops it, so one attempt trains: attempt 1 only, one running and one terminal transition, no duplicate
     metric step."""
-    monkeypatch.setenv("TRICKSERVE_BROKER_VISIBILITY_TIMEOUT_S", "2")
-    settings = configure_again(monkeypatch)
-    assert settings.broker_visibility_timeout_s == 2
-    assert celery_app.app.conf.broker_transport_options["visibility_timeout"] == 2
+    monkeypatch.setenv("TRICKSERVE_BROKER_VISIBILITY_TIMEOUT_S", "2")  # read by the workers started below
+    assert Settings().broker_visibility_timeout_s == 2
+    assert create_app(Settings()).conf.broker_transport_options["visibility_timeout"] == 2
     epochs = 24
-    job = enqueue_new(slow_spec(epochs=epochs))
+    job = production.enqueue_new(slow_spec(epochs=epochs))
     workers = [start_worker(), start_worker()]
-    done = wait_terminal(job.job_id, *workers, timeout=60)
+    done = production.wait_terminal(job.job_id, *workers, timeout=60)
     assert done.status == "succeeded" and done.attempt == 1, done.failure_message
-    assert statuses(job.job_id) == ["queued", "running", "succeeded"]
-    assert_one_point_per_step(job.job_id, epochs)
-    assert {e.attempt for e in events(job.job_id)} == {0, 1}
+    assert production.statuses(job.job_id) == ["queued", "running", "succeeded"]
+    assert_one_point_per_step(production, job.job_id, epochs)
+    assert {e.attempt for e in production.events(job.job_id)} == {0, 1}
     logs = "".join(w.log(tail=None) for w in workers)
     assert "not claimable" in logs, "the message was never delivered again: the test proves nothing"
 
@@ -290,17 +282,17 @@ def test_job_outliving_the_redis_visibility_timeout_runs_exactly_once(production
 
 
 @pytest.fixture
-def own_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Settings, OwnRedis]]:
+def own_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple[Service, OwnRedis]]:
     """Production mode on a redis-server of the test's own (broker and notifications), which it may stop."""
     server = OwnRedis(tmp_path / "redis.log")
     try:
         with _new_postgres_database() as database_url:
             init_db(database_url)
             # A message Redis loses in a restart is sent again after REDISPATCH_AFTER_S (the outbox's second chance).
-            settings = configure(monkeypatch, tmp_path / "home", database_url, server.url, server.url,
-                                 REDISPATCH_AFTER_S="4")  # fmt: skip
-            yield settings, server
-            reset_engine()
+            service = configure(monkeypatch, tmp_path / "home", database_url, server.url, server.url,
+                                REDISPATCH_AFTER_S="4")  # fmt: skip
+            yield service, server
+            close(service)
     finally:
         server.stop()
 
@@ -310,50 +302,50 @@ def test_redis_outage_mid_job_loses_and_duplicates_nothing(own_redis, start_work
     (continuing, or resumed from its checkpoint), its metrics have one point per step, polling answers throughout,
     the event stream falls back to database polling and ends; a job submitted meanwhile is stored (201,
     undispatched) and runs once Redis is back, once; so does a job whose message Redis lost."""
-    settings, server = own_redis
+    service, server = own_redis
     epochs = 40
     worker = start_worker()
-    api = start_api(settings)
+    api = start_api(service)
     with api.client() as client:
         response = client.post("/v1/jobs", json=slow_spec(epochs=epochs))
         assert response.status_code == 201, response.text
         job_id = response.json()["id"]
-        assert load(job_id).dispatched_at is not None
+        assert service.load(job_id).dispatched_at is not None
         stream = Follower(api, job_id)
         stream.start()
-        wait_for(lambda: checkpoint_after(job_id), timeout=30, what="the first checkpoint")
+        wait_for(lambda: checkpoint_after(service, job_id), timeout=30, what="the first checkpoint")
         # Sent while the only worker process trains: its message waits in Redis, and goes down with it.
         waiting = client.post("/v1/jobs", json=make_spec(name="waiting-in-redis"))
-        assert waiting.status_code == 201 and load(waiting.json()["id"]).dispatched_at is not None
+        assert waiting.status_code == 201 and service.load(waiting.json()["id"]).dispatched_at is not None
 
         server.stop()
         stopped, streamed = time.monotonic(), len(stream.ids)
-        down_at = max(e.step for e in events(job_id, "epoch_end"))
+        down_at = max(e.step for e in service.events(job_id, "epoch_end"))
         later = client.post("/v1/jobs", json=make_spec(name="while-redis-is-down"))
         assert later.status_code == 201, later.text
         later_id = later.json()["id"]
-        assert load(later_id).dispatched_at is None and load(later_id).status == "queued"
+        assert service.load(later_id).dispatched_at is None and service.load(later_id).status == "queued"
         # Training goes on without Redis, and polling answers from the database.
-        wait_for(lambda: max(e.step for e in events(job_id, "epoch_end")) > down_at, what="an epoch while down")
+        wait_for(lambda: max(e.step for e in service.events(job_id, "epoch_end")) > down_at, what="an epoch while down")
         assert client.get(f"/v1/jobs/{job_id}").json()["status"] == "running"
         assert client.get(f"/v1/jobs/{job_id}/metrics", params={"limit": 1000}).json()["items"]
         time.sleep(max(0.0, stopped + OUTAGE_S - time.monotonic()))
         assert len(stream.ids) > streamed  # the stream kept going on database polling
-        assert load(job_id).status == "running"
+        assert service.load(job_id).status == "running"
         server.start()
 
-        done = wait_terminal(job_id, worker, timeout=60)
+        done = service.wait_terminal(job_id, worker, timeout=60)
         assert done.status == "succeeded", done.failure_message
         for other in (later_id, waiting.json()["id"]):
-            assert wait_terminal(other, worker, timeout=60).status == "succeeded"
-            assert statuses(other) == ["queued", "running", "succeeded"] and load(other).attempt == 1
+            assert service.wait_terminal(other, worker, timeout=60).status == "succeeded"
+            assert service.statuses(other) == ["queued", "running", "succeeded"] and service.load(other).attempt == 1
         resent = [line for line in worker.log(tail=None).splitlines() if "reaper:" in line and "dispatched" in line]
         assert any(waiting.json()["id"] in line for line in resent)  # Redis came back empty: the outbox sent it again
         polled = client.get(f"/v1/jobs/{job_id}/metrics", params={"limit": 1000}).json()["items"]
     # Continued (attempt 1), or resumed once from its checkpoint: never two attempts at the same time.
     expected = [["queued", "running", "succeeded"], ["queued", "running", "queued", "running", "succeeded"]]
-    assert statuses(job_id) == expected[done.attempt - 1]
-    everything = assert_one_point_per_step(job_id, epochs)
+    assert service.statuses(job_id) == expected[done.attempt - 1]
+    everything = assert_one_point_per_step(service, job_id, epochs)
     points = Counter((p["name"], p["step"]) for p in polled)
     assert points and max(points.values()) == 1
     end, received = stream.result()
@@ -369,22 +361,22 @@ def test_event_stream_resumes_across_api_restarts_without_gap_or_repeat(embedded
     runs; a client reconnecting with Last-Event-ID receives every event of the job exactly once."""
     worker = start_worker()
     api = start_api(embedded)
-    job = enqueue_new(slow_spec(epochs=24))
+    job = embedded.enqueue_new(slow_spec(epochs=24))
     stream = Follower(api, job.job_id)
     stream.start()
     for sig in (signal.SIGTERM, signal.SIGKILL):
-        wait_for(lambda: checkpoint_after(job.job_id), timeout=30, what="the job to run")
+        wait_for(lambda: checkpoint_after(embedded, job.job_id), timeout=30, what="the job to run")
         seen = len(stream.ids)
         wait_for(lambda: len(stream.ids) > seen + 3, what="events on the stream")  # noqa: B023
         api.stop(sig)
         time.sleep(1.0)  # the job goes on emitting while no API runs
         api.start()
-    done = wait_terminal(job.job_id, worker, timeout=60)
+    done = embedded.wait_terminal(job.job_id, worker, timeout=60)
     assert done.status == "succeeded" and done.attempt == 1, done.failure_message
     end, received = stream.result()
     assert end == "succeeded" and stream.connects >= 3, stream.errors
     assert len(received) == len(set(received))
-    assert received == sorted(received) == [e.job_event_id for e in events(job.job_id)]
+    assert received == sorted(received) == [e.job_event_id for e in embedded.events(job.job_id)]
 
 
 # ------------------------------------------------------------------------ 7. early stopping across a resume
@@ -466,17 +458,17 @@ def test_early_stopped_job_killed_mid_patience_resumes_and_stops_on_time(embedde
     finally:
         torch.set_num_threads(threads)
     stop_epoch, steps = full.epochs_run, full.info["steps_per_epoch"]
-    job = enqueue_new(stopping_spec())
+    job = embedded.enqueue_new(stopping_spec())
     crash_at = f"step:{(stop_epoch - 1) * steps + 1}"
     worker = start_worker(**{faults.JOB_VAR: job.job_id, faults.AT_VAR: crash_at, faults.ATTEMPTS_VAR: "1"})
-    done = wait_terminal(job.job_id, worker, timeout=40)
+    done = embedded.wait_terminal(job.job_id, worker, timeout=40)
     assert done.status == "early_stopped" and done.stop_reason == "early_stop" and done.attempt == 2
-    everything = assert_one_point_per_step(job.job_id, stop_epoch)
+    everything = assert_one_point_per_step(embedded, job.job_id, stop_epoch)
     assert [e.epoch for e in everything if e.kind == "epoch_end" and e.attempt == 2] == [stop_epoch]
     [stop] = [e for e in everything if e.kind == "early_stop"]
     assert stop.attempt == 2 and stop.data["wait"] == PATIENCE and stop.data["best_epoch"] == full.best_epoch
     assert done.best_metrics["epoch"] == full.best_epoch
-    assert_resumed_once(job.job_id, (stop_epoch - 1) * steps, everything)
+    assert_resumed_once(embedded, job.job_id, (stop_epoch - 1) * steps, everything)
 
 
 # ------------------------------------------------------------------------------ 8. SQLite write contention
@@ -485,15 +477,16 @@ CONTENTION_S = 10.0
 BATCH = 20
 _OTHER_PROCESS = """
 import json, sys, time
-from api.supervisor import WorkerPool, worker_argv
 from core import jobs
-from core.db import session_scope
+from core.config import Settings
+from core.db import Database
+db = Database.from_settings(Settings())
 job_id, attempt, seconds, size = sys.argv[1], int(sys.argv[2]), float(sys.argv[3]), int(sys.argv[4])
 written, errors, step, deadline = 0, [], 0, time.monotonic() + seconds
 while time.monotonic() < deadline:
     batch = [{"kind": "progress", "step": step + i, "data": {"train/loss": 1.0}} for i in range(size)]
     try:
-        with session_scope() as session:
+        with db.session() as session:
             assert jobs.record_events(session=session, job_id=job_id, attempt=attempt, events=batch)
             jobs.heartbeat(session=session, job_id=job_id, attempt=attempt, lease_s=600)
         written, step = written + len(batch), step + len(batch)
@@ -506,11 +499,10 @@ print(json.dumps({"written": written, "errors": errors}))
 def test_sqlite_takes_eight_concurrent_writers_without_database_is_locked(embedded, monkeypatch):
     """§8.12: event batches, heartbeats, job submissions and reaper sweeps from threads and a second process at
     once for CONTENTION_S: no "database is locked" (or any) error, and every row written is there."""
-    monkeypatch.setattr(reaper, "send_run_job", lambda job_id, queue: None)  # the sweep's sends: no broker here
     claims = []
     for _ in range(4):
-        job = submit(make_spec())
-        with session_scope() as session:
+        job = embedded.submit(make_spec())
+        with embedded.session() as session:
             claims.append(jobs.claim_job(session=session, job_id=job.job_id, worker_id="t", lease_s=600))
     written: Counter[str] = Counter()
     errors: list[str] = []
@@ -529,22 +521,22 @@ def test_sqlite_takes_eight_concurrent_writers_without_database_is_locked(embedd
     def events_of(claim):
         def write(n: int) -> None:
             batch = [{"kind": "progress", "step": n * BATCH + i, "data": {"train/loss": 1.0}} for i in range(BATCH)]
-            with session_scope() as session:
+            with embedded.session() as session:
                 assert jobs.record_events(session=session, job_id=claim.job_id, attempt=claim.attempt, events=batch)
 
         return write
 
     def beats(n: int) -> None:
-        with session_scope() as session:
+        with embedded.session() as session:
             for claim in claims[:3]:
                 assert jobs.heartbeat(session=session, job_id=claim.job_id, attempt=claim.attempt, lease_s=600).alive
 
     def creates(n: int) -> None:
-        submit(make_spec(name=f"contention-{n}"))
+        embedded.submit(make_spec(name=f"contention-{n}"))
 
     def sweeps(n: int) -> None:
-        reaper.sweep(embedded)
-        with session_scope(read_only=True) as session:
+        reaper.sweep(embedded.settings, embedded.db, lambda job_id, queue: None)  # the sweep's sends: no broker
+        with embedded.session(read_only=True) as session:
             jobs.list_events(session, claims[0].job_id, after=0, limit=200)
 
     other = subprocess.Popen(
@@ -564,9 +556,9 @@ def test_sqlite_takes_eight_concurrent_writers_without_database_is_locked(embedd
     assert errors == [] and report["errors"] == []
     assert min(written.values()) > 5 and report["written"] > 5 * BATCH  # everyone got the lock many times
     for i in range(3):
-        assert len(events(claims[i].job_id, "progress")) == written[f"events-{i}"] * BATCH
-    assert len(events(claims[3].job_id, "progress")) == report["written"]
-    with session_scope(read_only=True) as session:
+        assert len(embedded.events(claims[i].job_id, "progress")) == written[f"events-{i}"] * BATCH
+    assert len(embedded.events(claims[3].job_id, "progress")) == report["written"]
+    with embedded.session(read_only=True) as session:
         created = session.scalar(sa.select(sa.func.count()).select_from(Job).where(Job.name.like("contention-%")))
     assert created == written["creates"]
 
@@ -651,18 +643,18 @@ def test_worker_pool_restarts_a_killed_worker_which_resumes_the_job_and_runs_lat
     pool.start()
     first = pool.procs[0]
     try:
-        job = enqueue_new(slow_spec(epochs=10))
-        wait_for(lambda: checkpoint_after(job.job_id), timeout=30, what="the first checkpoint")
-        child = running_pid(job.job_id)
+        job = embedded.enqueue_new(slow_spec(epochs=10))
+        wait_for(lambda: checkpoint_after(embedded, job.job_id), timeout=30, what="the first checkpoint")
+        child = embedded.running_pid(job.job_id)
         os.kill(first.pid, signal.SIGKILL)  # the process `trickserve up` started, alone
         first.wait()
         wait_for(lambda: _gone(child), timeout=10, what="the orphaned pool child to die")
         wait_for(lambda: pool.procs[0] is not first and pool.procs[0].poll() is None, timeout=15, what="a new worker")
-        done = wait_terminal(job.job_id, timeout=40)
+        done = embedded.wait_terminal(job.job_id, timeout=40)
         assert done.status == "succeeded" and done.attempt == 2, done.failure_message
-        assert_one_point_per_step(job.job_id, 10)
-        later = enqueue_new(make_spec())
-        assert wait_terminal(later.job_id, timeout=30).status == "succeeded"
+        assert_one_point_per_step(embedded, job.job_id, 10)
+        later = embedded.enqueue_new(make_spec())
+        assert embedded.wait_terminal(later.job_id, timeout=30).status == "succeeded"
         assert pool.restarts == [1] and pool.procs[0].poll() is None
     finally:
         pool.stop()
@@ -677,15 +669,15 @@ def test_a_job_row_locked_by_a_frozen_transaction_does_not_stall_the_reaper(prod
     """§8.3, the worse pause: a worker frozen inside a transaction keeps its job's row locked (PostgreSQL waits
     for it without limit). The reaper must still re-queue the other lost jobs (and the worker keep forking for
     them); the frozen job is settled once its lock goes."""
-    frozen, lost = submit(make_spec()), submit(make_spec())
-    with session_scope() as session:
+    frozen, lost = production.submit(make_spec()), production.submit(make_spec())
+    with production.session() as session:
         for job in (frozen, lost):  # both claimed by workers that vanished: their leases are long expired
             assert jobs.claim_job(session=session, job_id=job.job_id, worker_id="gone/1", lease_s=0.01)
-    with get_engine().connect() as holder:
+    with production.db.engine.connect() as holder:
         holder.exec_driver_sql("SELECT 1 FROM job WHERE job_id = %(id)s FOR UPDATE", {"id": frozen.job_id})
         worker = start_worker()
-        assert wait_terminal(lost.job_id, worker, timeout=30).status == "succeeded"
-        assert load(frozen.job_id).status == "running"  # untouchable while the lock is held
+        assert production.wait_terminal(lost.job_id, worker, timeout=30).status == "succeeded"
+        assert production.load(frozen.job_id).status == "running"  # untouchable while the lock is held
         holder.rollback()
-    done = wait_terminal(frozen.job_id, worker, timeout=30)
+    done = production.wait_terminal(frozen.job_id, worker, timeout=30)
     assert done.status == "succeeded" and done.attempt == 2

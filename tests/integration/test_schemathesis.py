@@ -14,7 +14,6 @@ from pathlib import Path
 import httpx
 import pytest
 
-from api.deps import get_enqueue
 from api.main import create_app
 from core.config import Settings
 from core.db import init_db
@@ -58,9 +57,8 @@ def test_the_api_keeps_to_its_openapi_document(tmp_path: Path):
     database_url = f"sqlite:///{tmp_path / 'trickserve.db'}"
     init_db(database_url)
     settings = Settings(home=tmp_path, database_url=database_url, metrics_token="m" * 32, max_upload_mb=1)
-    app = create_app(settings)
     enqueue = RecordingEnqueue()
-    app.dependency_overrides[get_enqueue] = lambda: enqueue
+    app = create_app(settings, send=enqueue)
     auth_file = two_tenants(app.state.sessions, tmp_path / "auth.json")
     with serve(app) as url:
         operations = sum(len(ops) for ops in httpx.get(f"{url}/openapi.json").json()["paths"].values())

@@ -61,23 +61,19 @@ class Service:
         self.url = f"http://127.0.0.1:{self.port}"
         self.key = self._prepare()
         self.procs = [
-            self._spawn("api", "-m", "uvicorn", "api.main:create_app", "--factory", "--port", str(self.port)),
-            self._spawn("worker", "-m", "celery", "-A", "worker.celery_app", "worker", "-Q", "cpu,gpu",
+            self._spawn("api", "-m", "cli.main", "api", "--port", str(self.port)),
+            self._spawn("worker", "-m", "celery", "-A", "worker.main", "worker", "-Q", "cpu,gpu",
                         "--loglevel", "INFO", "--without-mingle", "--without-gossip"),
         ]
         self._wait_ready()
 
-    def _prepare(self) -> str | None:
-        code = (
-            "from core.db import init_db, session_scope\ninit_db()\n"
-            "try:\n    from core import tenants\nexcept ImportError:\n    raise SystemExit(0)\n"
-            "with session_scope() as s:\n"
-            "    tenants.create_tenant(session=s, tenant_id='e2e', name='e2e')\n"
-            "    print(tenants.create_api_key(session=s, tenant_id='e2e'))\n"
-        )
-        out = subprocess.run([sys.executable, "-c", code], cwd=REPO, env=self.env, capture_output=True, text=True)
-        assert out.returncode == 0, out.stderr[-2000:]
-        return out.stdout.strip().splitlines()[-1] if out.stdout.strip() else None
+    def _prepare(self) -> str:
+        """`trickserve migrate`, then `trickserve keys create`, as an operator sets the service up."""
+        for argv in (["migrate"], ["keys", "create", "--tenant", "e2e"]):
+            out = subprocess.run([sys.executable, "-m", "cli.main", *argv], cwd=REPO, env=self.env,
+                                 capture_output=True, text=True)  # fmt: skip
+            assert out.returncode == 0, out.stderr[-2000:]
+        return out.stdout.strip().splitlines()[-1]
 
     def _spawn(self, name: str, *argv: str) -> subprocess.Popen:
         log = open(self.logs / f"{name}.log", "wb")  # noqa: SIM115 - lives as long as the process
