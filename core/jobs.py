@@ -21,9 +21,9 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
+from core.engine.events import EventKind
 from core.models import (
     METRIC_KINDS,
-    STATUS_EVENT,
     TERMINAL,
     Artifact,
     ArtifactKind,
@@ -480,7 +480,7 @@ def _record_transition(
         JobEvent(
             job_id=job.job_id,
             attempt=job.attempt,
-            kind=STATUS_EVENT,
+            kind=EventKind.status,
             step=job.checkpoint_step or 0,
             epoch=0,
             data=data,
@@ -499,7 +499,7 @@ def _supersede_for_resume(session: Session, job: Job) -> None:
     # will be recorded again, so it goes now and polling keeps one point per (name, step).
     if job.attempt > 1:
         resumed_from = -1 if job.checkpoint_step is None else job.checkpoint_step
-        _delete_older_events(session, job.job_id, job.attempt, resumed_from, JobEvent.kind != STATUS_EVENT)
+        _delete_older_events(session, job.job_id, job.attempt, resumed_from, JobEvent.kind != EventKind.status)
 
 
 def _supersede_replayed(session: Session, job_id: str, attempt: int, rows: list[dict[str, Any]]) -> None:

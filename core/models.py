@@ -36,7 +36,6 @@ NAMING_CONVENTION = {
 _ALPHANUMERIC = string.ascii_letters + string.digits
 # Kinds whose (job, attempt, kind, step) is unique, so a replayed batch of metrics is not stored twice.
 METRIC_KINDS = ("progress", "epoch_end", "test")
-STATUS_EVENT = "status"  # the job_event kind recorded for every lifecycle transition
 
 
 def utcnow() -> datetime:
@@ -198,7 +197,7 @@ class JobEvent(Base):
     job_event_id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("job.job_id", ondelete="CASCADE"))
     attempt: Mapped[int]
-    kind: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(32))  # an EventKind's value
     step: Mapped[int]
     epoch: Mapped[int]
     data: Mapped[dict[str, Any]]

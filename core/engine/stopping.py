@@ -18,6 +18,7 @@ from typing import Any
 import torch
 
 from core.engine.callbacks import Callback, RunContext
+from core.engine.events import EventKind
 from core.spec import EarlyStoppingSpec
 
 
@@ -63,12 +64,13 @@ class EarlyStopping(Callback):
         if self.wait >= self.spec.patience and epoch > 0:
             self.stopped_epoch = epoch
             ctx.stop("early_stop")
-            ctx.emit("early_stop", self._numbers(current))
+            ctx.emit(EventKind.early_stop, self._numbers(current))
 
     def on_train_end(self, ctx: RunContext) -> None:
         if self.spec.restore_best_weights and self.best_weights is not None:
             ctx.model.load_state_dict(self.best_weights)
-            ctx.emit("restored", {"best_epoch": self.best_epoch + 1, "monitor": self.monitor, "best": self.best})
+            restored = {"best_epoch": self.best_epoch + 1, "monitor": self.monitor, "best": self.best}
+            ctx.emit(EventKind.restored, restored)
 
     def _numbers(self, current: float) -> dict[str, Any]:
         return {

@@ -1,0 +1,20 @@
+"""The kinds of event a run reports; torch-free, so the database layer and the API can name them."""
+
+from __future__ import annotations
+
+import enum
+
+
+class EventKind(enum.StrEnum):
+    """What an event tells; its value is stored in job_event.kind and sent as the SSE `event:` name."""
+
+    progress = "progress"  # running training loss and speed, within an epoch
+    epoch_end = "epoch_end"  # the epoch's metrics
+    early_stop = "early_stop"  # early stopping ended the run
+    restored = "restored"  # early stopping put the best epoch's weights back
+    checkpoint = "checkpoint"
+    warning = "warning"
+    resumed = "resumed"  # a retry continues from a checkpoint
+    test = "test"  # the final metrics on the test split
+    diverged = "diverged"  # the training loss is not finite: the run fails
+    status = "status"  # a job's lifecycle transition, recorded by the database layer, not by the engine
