@@ -21,9 +21,8 @@ from sqlalchemy.dialects import postgresql, sqlite
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core.engine.events import EventKind
+from core.engine.events import ONE_PER_STEP_KINDS, EventKind
 from core.models import (
-    METRIC_KINDS,
     TERMINAL,
     Artifact,
     ArtifactKind,
@@ -504,9 +503,9 @@ def _supersede_for_resume(session: Session, job: Job) -> None:
 
 def _supersede_replayed(session: Session, job_id: str, attempt: int, rows: list[dict[str, Any]]) -> None:
     # Covers an attempt that could not load its checkpoint and restarted earlier than the pointer said.
-    steps = [row["step"] for row in rows if row["kind"] in METRIC_KINDS]
+    steps = [row["step"] for row in rows if row["kind"] in ONE_PER_STEP_KINDS]
     if steps:
-        _delete_older_events(session, job_id, attempt, min(steps) - 1, JobEvent.kind.in_(METRIC_KINDS))
+        _delete_older_events(session, job_id, attempt, min(steps) - 1, JobEvent.kind.in_(ONE_PER_STEP_KINDS))
 
 
 def _delete_older_events(

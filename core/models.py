@@ -25,6 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from core.engine.events import ONE_PER_STEP_KINDS
+
 # Named constraints make Alembic batch migrations on SQLite and plain ALTERs on PostgreSQL agree.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -34,8 +36,6 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 _ALPHANUMERIC = string.ascii_letters + string.digits
-# Kinds whose (job, attempt, kind, step) is unique, so a replayed batch of metrics is not stored twice.
-METRIC_KINDS = ("progress", "epoch_end", "test")
 
 
 def utcnow() -> datetime:
@@ -204,7 +204,8 @@ class JobEvent(Base):
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-_metric_kind = JobEvent.kind.in_(METRIC_KINDS)
+# A retry that replays steps stores their metrics and progress once.
+_one_per_step = JobEvent.kind.in_(ONE_PER_STEP_KINDS)
 Index(
     "uq_job_event_metric_step",
     JobEvent.job_id,
@@ -212,8 +213,8 @@ Index(
     JobEvent.kind,
     JobEvent.step,
     unique=True,
-    sqlite_where=_metric_kind,
-    postgresql_where=_metric_kind,
+    sqlite_where=_one_per_step,
+    postgresql_where=_one_per_step,
 )
 
 

@@ -18,3 +18,18 @@ class EventKind(enum.StrEnum):
     test = "test"  # the final metrics on the test split
     diverged = "diverged"  # the training loss is not finite: the run fails
     status = "status"  # a job's lifecycle transition, recorded by the database layer, not by the engine
+
+    @property
+    def is_metric(self) -> bool:
+        """Its data are per-epoch metric points (`val/loss`: value), as GET /v1/jobs/{id}/metrics serves them."""
+        return self in (EventKind.epoch_end, EventKind.test)
+
+    @property
+    def is_one_per_step(self) -> bool:
+        """At most one per (job, attempt, kind, step): a retry that replays these steps does not store them twice."""
+        return self.is_metric or self == EventKind.progress
+
+
+METRIC_KINDS = tuple(kind for kind in EventKind if kind.is_metric)
+# progress, epoch_end, test: the kinds of job_event's partial unique index on (job, attempt, kind, step)
+ONE_PER_STEP_KINDS = tuple(kind for kind in EventKind if kind.is_one_per_step)
