@@ -47,8 +47,6 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.cancelling: frozenset(map(JobStatus, ["cancelled", "failed", "succeeded", "early_stopped"])),
     **{status: frozenset() for status in TERMINAL},
 }
-# A worker holds the job in these states; its writes are accepted while its attempt is the current one.
-ACTIVE = (JobStatus.running, JobStatus.cancelling)
 _METRIC_NAME = re.compile(r"^[\w./-]{1,200}$")
 
 
@@ -327,13 +325,14 @@ def requeue_expired(*, session: Session, now: datetime | None = None) -> list[st
     expired = or_(Job.lease_expires_at < now, Job.lease_expires_at.is_(None))
     requeued = []
     with _committing(session):
-        candidates = session.scalars(select(Job.job_id).where(Job.status.in_(ACTIVE), expired).order_by(Job.job_id))
+        leased = select(Job.job_id).where(Job.status.in_(JobStatus.leased()), expired)
+        candidates = session.scalars(leased.order_by(Job.job_id))
         for job_id in list(candidates):
             # SKIP LOCKED (PostgreSQL): a row some transaction holds is left to the next sweep. Waiting for it would
             # let one frozen process (paused inside a transaction) stall the sweep of every job, in every worker.
             job = _locked(session, job_id, skip_locked=True)
             # Checked again under the lock: a heartbeat may have renewed the lease since the SELECT.
-            if job is not None and job.status in ACTIVE and _lease_expired(job, now):
+            if job is not None and job.status.holds_lease and _lease_expired(job, now):
                 if _settle_expired(session, job, now):
                     requeued.append(job.job_id)
     return requeued
@@ -452,7 +451,7 @@ def _locked(session: Session, job_id: str, *, skip_locked: bool = False) -> Job 
 def _fenced(session: Session, job_id: str, attempt: int) -> Job | None:
     """The locked job if `attempt` still holds it, else None."""
     job = _locked(session, job_id)
-    if job is None or job.attempt != attempt or job.status not in ACTIVE:
+    if job is None or job.attempt != attempt or not job.status.holds_lease:
         return None
     return job
 

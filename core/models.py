@@ -61,6 +61,24 @@ class JobStatus(enum.StrEnum):
     def is_terminal(self) -> bool:
         return self in TERMINAL
 
+    @property
+    def holds_lease(self) -> bool:
+        """A worker's attempt holds the job: its writes are accepted while the lease lasts."""
+        return self in (JobStatus.running, JobStatus.cancelling)
+
+    @property
+    def is_active(self) -> bool:
+        """Queued or held by a worker: counts against the tenant's cap on active jobs."""
+        return self == JobStatus.queued or self.holds_lease
+
+    @classmethod
+    def leased(cls) -> tuple[JobStatus, ...]:
+        return tuple(status for status in cls if status.holds_lease)
+
+    @classmethod
+    def active(cls) -> tuple[JobStatus, ...]:
+        return tuple(status for status in cls if status.is_active)
+
 
 TERMINAL = frozenset({JobStatus.succeeded, JobStatus.early_stopped, JobStatus.failed, JobStatus.cancelled})
 
