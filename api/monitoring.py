@@ -16,7 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
-from core.engine.events import EventKind
+from core.engine.events import EventKind, is_metric_name
 from core.models import Job, JobEvent, JobStatus
 
 log = logging.getLogger(__name__)
@@ -112,7 +112,7 @@ def _metric_gauge(events: list[JobEvent]) -> Metric:
     )
     for event in events:
         for name, value in sorted(event.data.items()):
-            number = _number(value)
+            number = _number(value) if is_metric_name(name) else None
             if number is not None:
                 gauge.add_metric([event.job_id, name], number)
     return gauge

@@ -56,6 +56,11 @@ class Callback:
 
     def on_epoch_end(self, ctx: RunContext, logs: dict[str, float]) -> None: ...
 
+    def epoch_report(self, ctx: RunContext, logs: dict[str, float]) -> dict[str, Any]:
+        """Scalars to send with the epoch's metrics (`early_stopping/wait`), as they will stand once on_epoch_end has
+        seen these logs; changes nothing."""
+        return {}
+
     def on_checkpoint(self, ctx: RunContext, path: str) -> None: ...
 
     def on_train_end(self, ctx: RunContext) -> None: ...
@@ -85,6 +90,9 @@ class CallbackList(Callback):
     def on_epoch_end(self, ctx: RunContext, logs: dict[str, float]) -> None:
         for cb in self.callbacks:
             cb.on_epoch_end(ctx, logs)
+
+    def epoch_report(self, ctx: RunContext, logs: dict[str, float]) -> dict[str, Any]:
+        return {key: value for cb in self.callbacks for key, value in cb.epoch_report(ctx, logs).items()}
 
     def on_checkpoint(self, ctx: RunContext, path: str) -> None:
         for cb in self.callbacks:

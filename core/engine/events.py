@@ -33,3 +33,11 @@ class EventKind(enum.StrEnum):
 METRIC_KINDS = tuple(kind for kind in EventKind if kind.is_metric)
 # progress, epoch_end, test: the kinds of job_event's partial unique index on (job, attempt, kind, step)
 ONE_PER_STEP_KINDS = tuple(kind for kind in EventKind if kind.is_one_per_step)
+
+# Keys of an epoch_end event's data that are a callback's state (`early_stopping/wait`), not metric points.
+STATE_PREFIXES = ("early_stopping/",)
+
+
+def is_metric_name(key: str) -> bool:
+    """Whether a key of a metric event's data names a metric (`val/loss`) rather than a callback's state."""
+    return not key.startswith(STATE_PREFIXES)

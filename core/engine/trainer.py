@@ -100,7 +100,8 @@ def train(
         logs = _epoch_logs(run, t0)
         ctx.history.append(logs)
         ctx.epoch += 1
-        ctx.emit(EventKind.epoch_end, logs)  # the epoch's metrics first, then what callbacks decide from them
+        # The epoch's metrics (with the state callbacks reach from them) first, then what callbacks decide.
+        ctx.emit(EventKind.epoch_end, {**logs, **cbs.epoch_report(ctx, logs)})
         cbs.on_epoch_end(ctx, logs)
         run.schedule.epoch_end(logs)
         last = ctx.epoch == spec.train.epochs or ctx.should_stop

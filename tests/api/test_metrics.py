@@ -42,6 +42,16 @@ def test_a_replayed_batch_adds_no_points(client: TestClient, job_id: str, sessio
     assert client.get(f"/v1/jobs/{job_id}/metrics").json()["items"] == before
 
 
+def test_early_stopping_state_is_not_a_metric(client: TestClient, job_id: str, sessions: sessionmaker[Session]):
+    last = client.get(f"/v1/jobs/{job_id}/metrics").json()["last_cursor"]
+    state = {"early_stopping/wait": 1, "early_stopping/patience": 3, "early_stopping/best": 1.5}
+    record(sessions, job_id, 1, [epoch_event(EPOCHS + 1, **state)])
+    new = client.get(f"/v1/jobs/{job_id}/metrics", params={"after": last}).json()["items"]
+    assert sorted(p["name"] for p in new) == ["lr", "train/loss", "val/acc", "val/loss"]
+    asked = client.get(f"/v1/jobs/{job_id}/metrics", params={"names": "early_stopping/wait,val/acc"}).json()
+    assert {p["name"] for p in asked["items"]} == {"val/acc"}
+
+
 def test_names_filter_and_pages(client: TestClient, job_id: str):
     seen, after, pages = [], None, 0
     while True:
