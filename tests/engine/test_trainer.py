@@ -175,6 +175,14 @@ def test_engine_import_pulls_no_service_libraries():
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
 
+def test_database_layer_and_api_import_without_torch():
+    # They name event kinds (core.engine.events) but never train: starting the API must not load torch.
+    code = ("import sys, core.engine.events, core.models, core.jobs, api.main; "
+            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules)); sys.exit('torch' in sys.modules)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
 def test_engine_modules_import_only_spec_from_core():
     import ast
     import pathlib
