@@ -18,7 +18,6 @@ from core.models import Dataset, Job, JobStatus
 from core.spec import JobSpec, spec_errors
 
 CPU_QUEUE, GPU_QUEUE = "cpu", "gpu"
-ACTIVE_STATUSES = (JobStatus.queued, JobStatus.running, JobStatus.cancelling)
 
 
 class SubmitError(Exception):
@@ -165,7 +164,7 @@ def _check_active_limit(session: Session, tenant_id: str, idempotency_key: str |
         replay = select(Job.job_id).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key)
         if session.scalar(replay) is not None:
             return  # a replay creates nothing, so it is never over the limit
-    query = select(func.count()).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES))
+    query = select(func.count()).where(Job.tenant_id == tenant_id, Job.status.in_(JobStatus.active()))
     if (session.scalar(query) or 0) >= limit:
         raise TooManyActiveJobs(limit)
 

@@ -75,6 +75,19 @@ def test_early_stopping_ends_run_and_restores_best_weights():
     assert rec.kinds()[last_epoch_end + 1] == "early_stop"  # the epoch's metrics, then the decision
 
 
+def test_epoch_end_events_carry_the_early_stopping_count_after_that_epoch():
+    spec = make_spec(train={"epochs": 30, "early_stopping": {"monitor": "val/loss", "patience": 2}}, optim={"lr": 0.05})
+    rec = Recorder()
+    result = train(spec, [rec])
+    epochs = [e.data for e in rec.events if e.kind == "epoch_end"]
+    stop = next(e for e in rec.events if e.kind == "early_stop")
+    assert all(d["early_stopping/patience"] == 2 for d in epochs)
+    assert epochs[0]["early_stopping/wait"] == 0 and epochs[0]["early_stopping/best"] == epochs[0]["val/loss"]
+    assert epochs[-1]["early_stopping/wait"] == stop.data["wait"] == 2  # the count the run stopped on
+    assert epochs[-1]["early_stopping/best"] == stop.data["best"]
+    assert not any(k.startswith("early_stopping/") for logs in result.history for k in logs)
+
+
 def test_non_finite_loss_fails_as_diverged():
     rec = Recorder()
     result = train(make_spec(optim={"name": "sgd", "lr": 10.0}, model={"batch_norm": False, "init": "normal",
@@ -158,6 +171,14 @@ def test_engine_import_pulls_no_service_libraries():
     code = ("import sys, core.engine, core.engine.trainer; "
             "bad = [m for m in ('fastapi', 'sqlalchemy', 'celery', 'redis', 'starlette') if m in sys.modules]; "
             "print(bad); sys.exit(1 if bad else 0)")
+    proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
+    assert proc.returncode == 0, proc.stdout + proc.stderr
+
+
+def test_database_layer_and_api_import_without_torch():
+    # They name event kinds (core.engine.events) but never train: starting the API must not load torch.
+    code = ("import sys, core.engine.events, core.models, core.jobs, api.main; "
+            "print(sorted(m for m in ('torch', 'numpy') if m in sys.modules)); sys.exit('torch' in sys.modules)")
     proc = subprocess.run([sys.executable, "-c", code], capture_output=True, text=True)
     assert proc.returncode == 0, proc.stdout + proc.stderr
 
