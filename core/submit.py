@@ -75,7 +75,7 @@ def submit(
     max_active_jobs: int | None = None,
 ) -> Submission:
     """Validate a spec against `caps`, resolve what it refers to, and store it as
-    a queued job with its advice (committed). The caller enqueues the job after this returns, only if it was
+    a queued job with its advice (committed). The caller dispatches the job after this returns, only if it was
     created: a replay is never sent twice. Raises InvalidSpec, TooManyActiveJobs, or core.jobs.IdempotencyConflict
     (same key, different request); the same key and request returns the first job."""
     spec = parse_spec(spec_dict)
