@@ -16,6 +16,7 @@ from sqlalchemy import func, select
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.types import ASGIApp, Message, Receive, Scope, Send
 
+from core.engine.events import EventKind, is_metric_name
 from core.models import Job, JobEvent, JobStatus
 
 log = logging.getLogger(__name__)
@@ -111,7 +112,7 @@ def _metric_gauge(events: list[JobEvent]) -> Metric:
     )
     for event in events:
         for name, value in sorted(event.data.items()):
-            number = _number(value)
+            number = _number(value) if is_metric_name(name) else None
             if number is not None:
                 gauge.add_metric([event.job_id, name], number)
     return gauge
@@ -121,7 +122,7 @@ def _latest_epoch_events(session: Session) -> list[JobEvent]:
     running = select(Job.job_id).where(Job.status == JobStatus.running).order_by(Job.job_id)
     last = (
         select(func.max(JobEvent.job_event_id))
-        .where(JobEvent.job_id.in_(running.limit(MAX_RUNNING_SERIES)), JobEvent.kind == "epoch_end")
+        .where(JobEvent.job_id.in_(running.limit(MAX_RUNNING_SERIES)), JobEvent.kind == EventKind.epoch_end)
         .group_by(JobEvent.job_id)
     )
     return list(session.scalars(select(JobEvent).where(JobEvent.job_event_id.in_(last))))

@@ -7,6 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
+from core.engine.events import is_metric_name
 from core.models import Dataset, FailureClass, Job, JobEvent, JobStatus, JobTransition
 
 
@@ -165,7 +166,7 @@ def metric_points(event: JobEvent, names: set[str] | None) -> list[MetricPoint]:
             cursor=event.job_event_id, step=event.step, epoch=event.epoch, name=name, value=value, at=event.created_at
         )
         for name, value in event.data.items()
-        if (names is None or name in names) and _is_metric(value)
+        if (names is None or name in names) and is_metric_name(name) and _is_metric(value)
     ]
 
 

@@ -18,7 +18,7 @@ from torch import nn
 from core.engine.augment import Augmenter
 from core.spec import AugmentSpec
 
-# Same parameters on both sides. kornia's crop `p` is one coin per batch (engine-notes §4), so the crop runs on
+# Same parameters on both sides. kornia's crop `p` is one coin per batch, so the crop runs on
 # every example (p=1) on both sides; kornia's ColorJiggle/RandomContrast defaults are no-ops, so ranges are explicit.
 DEGREES, SCALE, RATIO, P = 15.0, (0.8, 1.0), (0.75, 1.3333), 0.5
 BRIGHT, SAT, HUE, CONTRAST, STD = 0.2, 0.2, 0.02, (0.8, 1.2), 0.05

@@ -42,7 +42,8 @@ class ProgressBar(Callback):
             self.progress.update(self.task, completed=epoch - 1 + frac, epoch=epoch,
                                  metrics=f"loss {_f(data.get('train/loss'))}  {data['samples_per_s']:.0f} samples/s")
         elif kind == "epoch_end":
-            self.progress.update(self.task, completed=epoch, epoch=epoch, metrics=_epoch_text(data))
+            self.progress.update(self.task, completed=epoch, epoch=epoch, metrics=_epoch_text(data),
+                                 description=self.name + _patience_text(data))
         elif kind == "early_stop":
             self.progress.console.print(
                 f"early stop at epoch {data['stopped_epoch']}: {data['monitor']} did not improve for "
@@ -51,15 +52,16 @@ class ProgressBar(Callback):
         elif kind in ("diverged", "resumed", "warning"):
             self.progress.console.print(f"{kind}: {data}")
 
-    def on_epoch_end(self, ctx: RunContext, logs: dict[str, float]) -> None:
-        es = next((c for c in getattr(ctx.sink, "callbacks", []) if type(c).__name__ == "EarlyStopping"), None)
-        if es is not None:
-            self.progress.update(self.task, description=f"{self.name} (patience {es.wait}/{es.spec.patience})")
-
 
 def _epoch_text(d: dict[str, Any]) -> str:
     parts = [f"{k} {_f(d.get(k))}" for k in ("train/loss", "train/acc", "val/loss", "val/acc") if k in d]
     return "  ".join(parts)
+
+
+def _patience_text(d: dict[str, Any]) -> str:
+    if "early_stopping/patience" not in d:
+        return ""
+    return f" (patience {d['early_stopping/wait']}/{d['early_stopping/patience']})"
 
 
 def _f(v: float | None) -> str:

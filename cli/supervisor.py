@@ -69,8 +69,9 @@ class WorkerPool:
         self._stopped.wait()  # keep the workers' parent thread alive until stop() has ended them in order
 
     def stop(self, grace_s: float = 10.0) -> None:
-        """SIGTERM (Celery's warm shutdown), then SIGKILL after `grace_s`; an interrupted job resumes later. Safe
-        to call twice."""
+        """SIGTERM to each worker's process group, then SIGKILL after `grace_s`. The pool child training a job ends
+        at once with its group, and the job resumes from its last checkpoint after the next start. Safe to call
+        twice."""
         with self._lock:
             if self._stopped.is_set():
                 return

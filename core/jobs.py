@@ -20,9 +20,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.db import committing, insert_ignoring_duplicates
+from core.engine.events import ONE_PER_STEP_KINDS, EventKind
 from core.models import (
-    METRIC_KINDS,
-    STATUS_EVENT,
     TERMINAL,
     Artifact,
     ArtifactKind,
@@ -46,8 +45,6 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.cancelling: frozenset(map(JobStatus, ["cancelled", "failed", "succeeded", "early_stopped"])),
     **{status: frozenset() for status in TERMINAL},
 }
-# A worker holds the job in these states; its writes are accepted while its attempt is the current one.
-ACTIVE = (JobStatus.running, JobStatus.cancelling)
 _METRIC_NAME = re.compile(r"^[\w./-]{1,200}$")
 
 
@@ -312,13 +309,14 @@ def requeue_expired(*, session: Session, now: datetime | None = None) -> list[st
     expired = or_(Job.lease_expires_at < now, Job.lease_expires_at.is_(None))
     requeued = []
     with committing(session):
-        candidates = session.scalars(select(Job.job_id).where(Job.status.in_(ACTIVE), expired).order_by(Job.job_id))
+        leased = select(Job.job_id).where(Job.status.in_(JobStatus.leased()), expired)
+        candidates = session.scalars(leased.order_by(Job.job_id))
         for job_id in list(candidates):
             # SKIP LOCKED (PostgreSQL): a row some transaction holds is left to the next sweep. Waiting for it would
             # let one frozen process (paused inside a transaction) stall the sweep of every job, in every worker.
             job = _locked(session, job_id, skip_locked=True)
             # Checked again under the lock: a heartbeat may have renewed the lease since the SELECT.
-            if job is not None and job.status in ACTIVE and _lease_expired(job, now):
+            if job is not None and job.status.holds_lease and _lease_expired(job, now):
                 if _settle_expired(session, job, now):
                     requeued.append(job.job_id)
     return requeued
@@ -426,7 +424,7 @@ def _locked(session: Session, job_id: str, *, skip_locked: bool = False) -> Job 
 def _fenced(session: Session, job_id: str, attempt: int) -> Job | None:
     """The locked job if `attempt` still holds it, else None."""
     job = _locked(session, job_id)
-    if job is None or job.attempt != attempt or job.status not in ACTIVE:
+    if job is None or job.attempt != attempt or not job.status.holds_lease:
         return None
     return job
 
@@ -453,7 +451,7 @@ def _record_transition(
         JobEvent(
             job_id=job.job_id,
             attempt=job.attempt,
-            kind=STATUS_EVENT,
+            kind=EventKind.status,
             step=job.checkpoint_step or 0,
             epoch=0,
             data=data,
@@ -472,14 +470,14 @@ def _supersede_for_resume(session: Session, job: Job) -> None:
     # will be recorded again, so it goes now and polling keeps one point per (name, step).
     if job.attempt > 1:
         resumed_from = -1 if job.checkpoint_step is None else job.checkpoint_step
-        _delete_older_events(session, job.job_id, job.attempt, resumed_from, JobEvent.kind != STATUS_EVENT)
+        _delete_older_events(session, job.job_id, job.attempt, resumed_from, JobEvent.kind != EventKind.status)
 
 
 def _supersede_replayed(session: Session, job_id: str, attempt: int, rows: list[dict[str, Any]]) -> None:
     # Covers an attempt that could not load its checkpoint and restarted earlier than the pointer said.
-    steps = [row["step"] for row in rows if row["kind"] in METRIC_KINDS]
+    steps = [row["step"] for row in rows if row["kind"] in ONE_PER_STEP_KINDS]
     if steps:
-        _delete_older_events(session, job_id, attempt, min(steps) - 1, JobEvent.kind.in_(METRIC_KINDS))
+        _delete_older_events(session, job_id, attempt, min(steps) - 1, JobEvent.kind.in_(ONE_PER_STEP_KINDS))
 
 
 def _delete_older_events(

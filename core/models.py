@@ -25,6 +25,8 @@ from sqlalchemy import (
 )
 from sqlalchemy.orm import DeclarativeBase, Mapped, mapped_column
 
+from core.engine.events import ONE_PER_STEP_KINDS
+
 # Named constraints make Alembic batch migrations on SQLite and plain ALTERs on PostgreSQL agree.
 NAMING_CONVENTION = {
     "ix": "ix_%(column_0_label)s",
@@ -34,9 +36,6 @@ NAMING_CONVENTION = {
     "pk": "pk_%(table_name)s",
 }
 _ALPHANUMERIC = string.ascii_letters + string.digits
-# Kinds whose (job, attempt, kind, step) is unique, so a replayed batch of metrics is not stored twice.
-METRIC_KINDS = ("progress", "epoch_end", "test")
-STATUS_EVENT = "status"  # the job_event kind recorded for every lifecycle transition
 
 
 def utcnow() -> datetime:
@@ -61,6 +60,24 @@ class JobStatus(enum.StrEnum):
     @property
     def is_terminal(self) -> bool:
         return self in TERMINAL
+
+    @property
+    def holds_lease(self) -> bool:
+        """A worker's attempt holds the job: its writes are accepted while the lease lasts."""
+        return self in (JobStatus.running, JobStatus.cancelling)
+
+    @property
+    def is_active(self) -> bool:
+        """Queued or held by a worker: counts against the tenant's cap on active jobs."""
+        return self == JobStatus.queued or self.holds_lease
+
+    @classmethod
+    def leased(cls) -> tuple[JobStatus, ...]:
+        return tuple(status for status in cls if status.holds_lease)
+
+    @classmethod
+    def active(cls) -> tuple[JobStatus, ...]:
+        return tuple(status for status in cls if status.is_active)
 
 
 TERMINAL = frozenset({JobStatus.succeeded, JobStatus.early_stopped, JobStatus.failed, JobStatus.cancelled})
@@ -198,14 +215,15 @@ class JobEvent(Base):
     job_event_id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
     job_id: Mapped[str] = mapped_column(ForeignKey("job.job_id", ondelete="CASCADE"))
     attempt: Mapped[int]
-    kind: Mapped[str] = mapped_column(String(32))
+    kind: Mapped[str] = mapped_column(String(32))  # an EventKind's value
     step: Mapped[int]
     epoch: Mapped[int]
     data: Mapped[dict[str, Any]]
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
-_metric_kind = JobEvent.kind.in_(METRIC_KINDS)
+# A retry that replays steps stores their metrics and progress once.
+_one_per_step = JobEvent.kind.in_(ONE_PER_STEP_KINDS)
 Index(
     "uq_job_event_metric_step",
     JobEvent.job_id,
@@ -213,8 +231,8 @@ Index(
     JobEvent.kind,
     JobEvent.step,
     unique=True,
-    sqlite_where=_metric_kind,
-    postgresql_where=_metric_kind,
+    sqlite_where=_one_per_step,
+    postgresql_where=_one_per_step,
 )
 
 

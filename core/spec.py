@@ -2,7 +2,6 @@
 
 from __future__ import annotations
 
-import json
 import re
 from dataclasses import dataclass
 from pathlib import Path
@@ -507,8 +506,3 @@ def spec_errors(exc: ValidationError) -> list[dict[str, Any]]:
         }
         for err in exc.errors(include_url=False)
     ]
-
-
-def json_schema() -> str:
-    """The JSON Schema of JobSpec, for clients and editors."""
-    return json.dumps(JobSpec.model_json_schema(), indent=2)

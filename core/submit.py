@@ -18,7 +18,6 @@ from core.models import Dataset, Job, JobStatus
 from core.spec import JobSpec, spec_errors
 
 CPU_QUEUE, GPU_QUEUE = "cpu", "gpu"
-ACTIVE_STATUSES = (JobStatus.queued, JobStatus.running, JobStatus.cancelling)
 
 
 class SubmitError(Exception):
@@ -76,7 +75,7 @@ def submit(
     max_active_jobs: int | None = None,
 ) -> Submission:
     """Validate a spec against `caps`, resolve what it refers to, and store it as
-    a queued job with its advice (committed). The caller enqueues the job after this returns, only if it was
+    a queued job with its advice (committed). The caller dispatches the job after this returns, only if it was
     created: a replay is never sent twice. Raises InvalidSpec, TooManyActiveJobs, or core.jobs.IdempotencyConflict
     (same key, different request); the same key and request returns the first job."""
     spec = parse_spec(spec_dict)
@@ -165,7 +164,7 @@ def _check_active_limit(session: Session, tenant_id: str, idempotency_key: str |
         replay = select(Job.job_id).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key)
         if session.scalar(replay) is not None:
             return  # a replay creates nothing, so it is never over the limit
-    query = select(func.count()).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES))
+    query = select(func.count()).where(Job.tenant_id == tenant_id, Job.status.in_(JobStatus.active()))
     if (session.scalar(query) or 0) >= limit:
         raise TooManyActiveJobs(limit)
 

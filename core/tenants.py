@@ -14,8 +14,7 @@ from sqlalchemy import func, select, update
 from sqlalchemy.orm import Session
 
 from core.db import committing, insert_ignoring_duplicates
-from core.models import ApiKey, Dataset, Job, Tenant, utcnow
-from core.submit import ACTIVE_STATUSES
+from core.models import ApiKey, Dataset, Job, JobStatus, Tenant, utcnow
 
 KEY_PREFIX = "tsk_"
 SHOWN_CHARS = 12  # "tsk_" and 8 random characters: enough to tell keys apart, far too few to guess the rest
@@ -88,7 +87,7 @@ def authenticate(session: Session, key: str) -> str | None:
 
 def usage(session: Session, tenant_id: str) -> Usage:
     """The tenant's queued and running jobs, and its datasets with their total size."""
-    active = select(func.count()).where(Job.tenant_id == tenant_id, Job.status.in_(ACTIVE_STATUSES))
+    active = select(func.count()).where(Job.tenant_id == tenant_id, Job.status.in_(JobStatus.active()))
     stored = select(func.count(), func.coalesce(func.sum(Dataset.size_bytes), 0)).where(Dataset.tenant_id == tenant_id)
     n_datasets, n_bytes = session.execute(stored).one()
     return Usage(active_jobs=session.scalar(active) or 0, datasets=n_datasets, dataset_bytes=int(n_bytes))

@@ -1,6 +1,6 @@
 """Building and configuring the Celery app from Settings, and publishing `run_job` messages on it.
 
-Reliability rests on the database, not on the broker (DESIGN.md): a message only wakes a worker up, the job row
+Reliability rests on the database, not on the broker: a message only wakes a worker up, the job row
 says what to do, and the reaper re-sends whatever a lost or duplicated message would have dropped. Choices:
 
 - `task_acks_late` + `worker_prefetch_multiplier=1`: a worker reserves only the job it runs, so a queued job never

@@ -14,6 +14,7 @@ from sqlalchemy.exc import OperationalError
 from core import jobs
 from core.db import Database
 from core.engine.callbacks import Callback, Event, RunContext
+from core.engine.events import EventKind
 from core.notify import publish
 
 log = logging.getLogger(__name__)
@@ -52,7 +53,7 @@ class DBReporter(Callback):
         """Buffer an event; store the buffer now unless it is progress that arrived soon after the last batch."""
         self.check()
         self._buffer.append(event)
-        if event.kind != "progress" or time.monotonic() - self._last_flush >= self.flush_interval_s:
+        if event.kind != EventKind.progress or time.monotonic() - self._last_flush >= self.flush_interval_s:
             self.flush()
 
     def on_step_end(self, ctx: RunContext) -> None:

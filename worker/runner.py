@@ -17,6 +17,7 @@ from core import jobs
 from core.config import Settings
 from core.db import Database
 from core.engine.callbacks import Event, StopFlag
+from core.engine.events import EventKind
 from core.models import Dataset, FailureClass, Job, JobStatus
 from core.notify import publish
 from core.spec import JobSpec, SpecError, spec_errors
@@ -131,7 +132,7 @@ def _resume_from(claim: jobs.Claim, reporter: DBReporter) -> str | None:
     if Path(claim.checkpoint_path).is_file():
         return claim.checkpoint_path
     message = f"checkpoint {claim.checkpoint_path} is missing; training starts over"
-    reporter.add(Event("warning", 0, 0, {"message": message}))
+    reporter.add(Event(EventKind.warning, 0, 0, {"message": message}))
     return None
 
 

@@ -17,7 +17,6 @@ from api.uploads import Upload, receive_upload
 from core import tenants
 from core.config import Settings
 from core.datasets import create_dataset, get_dataset, list_datasets
-from core.engine.data import describe_dataset
 from core.models import Dataset, new_id
 from core.spec import SpecError
 
@@ -134,6 +133,8 @@ def _check_examples(n_examples: int, limit: int) -> None:
 
 
 def _describe(upload: Upload, label_column: str) -> dict:
+    from core.engine.data import describe_dataset  # the engine imports torch: only when a file is really read
+
     try:
         return describe_dataset(upload.path, label_column)
     except SpecError as exc:

@@ -13,11 +13,11 @@ from api.errors import ApiError, problem
 from api.schemas import ERRORS, ErrorBody, MetricsPage, metric_points
 from api.streaming import CURSOR_PATTERN, JobEventResponse, event_cursor, job_events
 from core import jobs
+from core.engine.events import METRIC_KINDS
 from core.models import Job
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"], dependencies=AUTHENTICATED, responses=ERRORS)
 
-METRIC_KINDS = ("epoch_end", "test")
 MAX_NAMES = 50
 _NAME = "[A-Za-z0-9_./-]{1,200}"
 # A comma-separated list of metric names (spaces around commas allowed), checked here exactly as documented.

@@ -11,8 +11,6 @@ from api.deps import AUTHENTICATED, SessionDep, SettingsDep, SpecBody, TenantDep
 from api.errors import problem
 from api.schemas import BAD_JSON_BODY, ERRORS, SpecValidation
 from core.datasets import get_dataset
-from core.engine.advice import advise
-from core.engine.data import check_augment
 from core.spec import JobSpec, SpecError, builtin_info
 from core.submit import Caps, InvalidSpec, check_caps, check_references, parse_spec, queue_for
 
@@ -23,6 +21,8 @@ router = APIRouter(prefix="/v1/specs", tags=["specs"], dependencies=AUTHENTICATE
 def validate_spec(spec: SpecBody, session: SessionDep, tenant: TenantDep, settings: SettingsDep) -> SpecValidation:
     """Validate and resolve a spec without submitting it: the resolved spec, its advice, and the parameter count
     of the model built for the dataset's inputs; or 422 listing every problem."""
+    from core.engine.advice import advise  # the engine imports torch: only when a spec is really checked
+
     job_spec = parse_spec(spec)
     check_caps(job_spec, Caps.from_settings(settings))
     check_references(session, tenant, job_spec)
@@ -52,6 +52,8 @@ def _inputs(session: Session, tenant_id: str, spec: JobSpec) -> tuple[tuple[int,
 
 
 def _check_augment(spec: JobSpec, kind: str) -> None:
+    from core.engine.data import check_augment
+
     try:
         check_augment(spec.data.augment, kind)
     except SpecError as exc:

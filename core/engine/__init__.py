@@ -1,13 +1,15 @@
 """The trick engine: pure PyTorch training driven by a JobSpec, reporting through callbacks."""
 
-from typing import Any
+from __future__ import annotations
 
-from core.engine.callbacks import Callback, CallbackList, Event, Recorder, RunContext, StopFlag, TimeLimit
+import importlib
+from typing import TYPE_CHECKING, Any
 
 __all__ = [
     "Callback",
     "CallbackList",
     "Event",
+    "EventKind",
     "Recorder",
     "RunContext",
     "RunResult",
@@ -17,11 +19,29 @@ __all__ = [
     "train",
 ]
 
+if TYPE_CHECKING:
+    from core.engine.callbacks import Callback, CallbackList, Event, Recorder, RunContext, StopFlag, TimeLimit
+    from core.engine.events import EventKind
+    from core.engine.trainer import RunResult, resolve_device, train
+
+# Each name is imported on first use: the API and the database layer read core.engine.events without torch, and
+# the trainer pulls in the data loaders (scikit-learn, mnist1d).
+_MODULES = {
+    "Callback": "callbacks",
+    "CallbackList": "callbacks",
+    "Event": "callbacks",
+    "EventKind": "events",
+    "Recorder": "callbacks",
+    "RunContext": "callbacks",
+    "RunResult": "trainer",
+    "StopFlag": "callbacks",
+    "TimeLimit": "callbacks",
+    "resolve_device": "trainer",
+    "train": "trainer",
+}
+
 
 def __getattr__(name: str) -> Any:
-    # The trainer pulls in data loaders (scikit-learn, mnist1d); import it only when it is used.
-    if name in ("RunResult", "resolve_device", "train"):
-        from core.engine import trainer
-
-        return getattr(trainer, name)
-    raise AttributeError(name)
+    if name in _MODULES:
+        return getattr(importlib.import_module(f"core.engine.{_MODULES[name]}"), name)
+    raise AttributeError(f"module {__name__!r} has no attribute {name!r}")

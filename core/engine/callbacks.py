@@ -8,12 +8,14 @@ from typing import Any
 
 import torch
 
+from core.engine.events import EventKind
+
 
 @dataclass
 class Event:
     """One thing that happened in a run; `data` holds plain scalars with namespaced keys (`val/loss`)."""
 
-    kind: str  # progress | epoch_end | early_stop | checkpoint | warning | resumed | test | diverged
+    kind: EventKind
     step: int
     epoch: int
     data: dict[str, Any]
@@ -39,7 +41,7 @@ class RunContext:
         if not self.should_stop:
             self.should_stop, self.stop_reason = True, reason
 
-    def emit(self, kind: str, data: dict[str, Any], epoch: int | None = None) -> None:
+    def emit(self, kind: EventKind, data: dict[str, Any], epoch: int | None = None) -> None:
         """Send an event to every callback; its epoch is the last completed one unless given."""
         if self.sink is not None:
             self.sink.on_event(self, Event(kind, self.step, self.epoch if epoch is None else epoch, data))
@@ -53,6 +55,11 @@ class Callback:
     def on_step_end(self, ctx: RunContext) -> None: ...
 
     def on_epoch_end(self, ctx: RunContext, logs: dict[str, float]) -> None: ...
+
+    def epoch_report(self, ctx: RunContext, logs: dict[str, float]) -> dict[str, Any]:
+        """Scalars to send with the epoch's metrics (`early_stopping/wait`), as they will stand once on_epoch_end has
+        seen these logs; changes nothing."""
+        return {}
 
     def on_checkpoint(self, ctx: RunContext, path: str) -> None: ...
 
@@ -83,6 +90,9 @@ class CallbackList(Callback):
     def on_epoch_end(self, ctx: RunContext, logs: dict[str, float]) -> None:
         for cb in self.callbacks:
             cb.on_epoch_end(ctx, logs)
+
+    def epoch_report(self, ctx: RunContext, logs: dict[str, float]) -> dict[str, Any]:
+        return {key: value for cb in self.callbacks for key, value in cb.epoch_report(ctx, logs).items()}
 
     def on_checkpoint(self, ctx: RunContext, path: str) -> None:
         for cb in self.callbacks:
@@ -158,5 +168,5 @@ class Recorder(Callback):
     def on_event(self, ctx: RunContext, event: Event) -> None:
         self.events.append(event)
 
-    def kinds(self) -> list[str]:
+    def kinds(self) -> list[EventKind]:
         return [e.kind for e in self.events]

@@ -16,6 +16,7 @@ from core.engine import checkpoint as ckpt
 from core.engine.augment import Augmenter
 from core.engine.callbacks import Callback, CallbackList, RunContext, TimeLimit
 from core.engine.data import DataBundle, load_data
+from core.engine.events import EventKind
 from core.engine.init import initialize
 from core.engine.models import Net, build_model
 from core.engine.optim import Schedule, build_optimizer
@@ -99,7 +100,8 @@ def train(
         logs = _epoch_logs(run, t0)
         ctx.history.append(logs)
         ctx.epoch += 1
-        ctx.emit("epoch_end", logs)  # the epoch's metrics first, then what callbacks decide from them
+        # The epoch's metrics (with the state callbacks reach from them) first, then what callbacks decide.
+        ctx.emit(EventKind.epoch_end, {**logs, **cbs.epoch_report(ctx, logs)})
         cbs.on_epoch_end(ctx, logs)
         run.schedule.epoch_end(logs)
         last = ctx.epoch == spec.train.epochs or ctx.should_stop
@@ -198,14 +200,14 @@ def _report_progress(run: Run, sums: torch.Tensor, steps_done: int, elapsed: flo
         "train/loss": _clean(running),
         "lr": run.schedule.lr(),
     }
-    run.ctx.emit("progress", data, epoch=run.ctx.epoch + 1)
+    run.ctx.emit(EventKind.progress, data, epoch=run.ctx.epoch + 1)
 
 
 def _diverged(run: Run) -> None:
     """A non-finite training loss ends the run as failed/diverged (checked where values reach the host)."""
     if run.ctx.stop_reason != "diverged":
         run.ctx.stop("diverged")
-        run.ctx.emit("diverged", {"message": "training loss is not finite"}, epoch=run.ctx.epoch + 1)
+        run.ctx.emit(EventKind.diverged, {"message": "training loss is not finite"}, epoch=run.ctx.epoch + 1)
 
 
 def _epoch_logs(run: Run, t0: float) -> dict[str, Any]:
@@ -254,7 +256,8 @@ def _checkpoint(run: Run, progress: dict[str, Any] | None) -> None:
     }
     path = ckpt.save_checkpoint(run.out_dir / ckpt.CHECKPOINT_NAME, state)
     run.callbacks.on_checkpoint(ctx, path)
-    ctx.emit("checkpoint", {"path": path, "epoch": ctx.epoch, "step": ctx.step, "partial": progress is not None})
+    data = {"path": path, "epoch": ctx.epoch, "step": ctx.step, "partial": progress is not None}
+    ctx.emit(EventKind.checkpoint, data)
     run.info["checkpoint_path"] = path
 
 
@@ -272,7 +275,7 @@ def _resume(run: Run, path: str | Path) -> dict[str, Any] | None:
         torch.cuda.set_rng_state_all(state["rng"]["cuda"])
     ctx.epoch, ctx.step, ctx.history = state["epoch"], state["step"], list(state["history"])
     run.schedule.apply(ctx.step)
-    ctx.emit("resumed", {"from_step": ctx.step, "from_epoch": ctx.epoch})
+    ctx.emit(EventKind.resumed, {"from_step": ctx.step, "from_epoch": ctx.epoch})
     return state["epoch_progress"]
 
 
@@ -283,7 +286,7 @@ def _finish(run: Run) -> RunResult:
     if ctx.stop_reason != "diverged" and run.data.x_test.shape[0]:
         test_loss, test_acc = evaluate(run, run.data.x_test, run.data.y_test)
         metrics.update({"test/loss": _clean(test_loss), "test/acc": _clean(test_acc)})
-        ctx.emit("test", {"test/loss": metrics["test/loss"], "test/acc": metrics["test/acc"]})
+        ctx.emit(EventKind.test, {"test/loss": metrics["test/loss"], "test/acc": metrics["test/acc"]})
     model_path = None
     if run.out_dir is not None:
         model_path = ckpt.save_model(run.model, run.out_dir / ckpt.MODEL_NAME, spec.model_dump_json())

@@ -9,6 +9,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from tests.factories import claim, epoch_event, make_spec, record
 
 EPOCHS = 5
+TEST_EVENT = {"kind": "test", "step": EPOCHS * 10, "epoch": EPOCHS, "data": {"test/loss": 0.3, "test/acc": 0.9}}
 
 
 @pytest.fixture
@@ -19,8 +20,7 @@ def job_id(client: TestClient, sessions: sessionmaker[Session]) -> str:
     for epoch in range(1, EPOCHS + 1):
         progress = {"kind": "progress", "step": epoch * 10 - 5, "epoch": epoch, "data": {"train/loss": 9.0}}
         record(sessions, job_id, attempt, [progress, epoch_event(epoch)])
-    test = {"kind": "test", "step": EPOCHS * 10, "epoch": EPOCHS, "data": {"test/loss": 0.3, "test/acc": 0.9}}
-    record(sessions, job_id, attempt, [test])
+    record(sessions, job_id, attempt, [TEST_EVENT])
     return job_id
 
 
@@ -34,6 +34,22 @@ def test_points_come_from_epoch_end_and_test_events_only(client: TestClient, job
     assert {"cursor", "step", "epoch", "name", "value", "at"} == set(first)
     assert points[-1]["name"].startswith("test/")
     assert page["next_cursor"] is None and page["last_cursor"] == points[-1]["cursor"]
+
+
+def test_a_replayed_batch_adds_no_points(client: TestClient, job_id: str, sessions: sessionmaker[Session]):
+    before = client.get(f"/v1/jobs/{job_id}/metrics").json()["items"]
+    record(sessions, job_id, 1, [epoch_event(EPOCHS), TEST_EVENT])  # a flush retried after its commit got lost
+    assert client.get(f"/v1/jobs/{job_id}/metrics").json()["items"] == before
+
+
+def test_early_stopping_state_is_not_a_metric(client: TestClient, job_id: str, sessions: sessionmaker[Session]):
+    last = client.get(f"/v1/jobs/{job_id}/metrics").json()["last_cursor"]
+    state = {"early_stopping/wait": 1, "early_stopping/patience": 3, "early_stopping/best": 1.5}
+    record(sessions, job_id, 1, [epoch_event(EPOCHS + 1, **state)])
+    new = client.get(f"/v1/jobs/{job_id}/metrics", params={"after": last}).json()["items"]
+    assert sorted(p["name"] for p in new) == ["lr", "train/loss", "val/acc", "val/loss"]
+    asked = client.get(f"/v1/jobs/{job_id}/metrics", params={"names": "early_stopping/wait,val/acc"}).json()
+    assert {p["name"] for p in asked["items"]} == {"val/acc"}
 
 
 def test_names_filter_and_pages(client: TestClient, job_id: str):

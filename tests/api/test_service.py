@@ -57,11 +57,13 @@ def test_metrics_exposes_jobs_queue_depth_running_metrics_and_latency(
     client = make_client(metrics_token=METRICS_TOKEN)
     client.post("/v1/jobs", json=make_spec(resources={"device": "cuda"}))
     running = client.post("/v1/jobs", json=make_spec()).json()["id"]
-    record(sessions, running, claim(sessions, running), [epoch_event(1), epoch_event(2)])
+    state = {"early_stopping/wait": 1, "early_stopping/patience": 3}
+    record(sessions, running, claim(sessions, running), [epoch_event(1), epoch_event(2, **state)])
     text = client.get("/metrics", headers={"Authorization": f"Bearer {METRICS_TOKEN}"}).text
     assert 'trickserve_jobs{status="queued"} 1.0' in text and 'trickserve_jobs{status="running"} 1.0' in text
     assert 'trickserve_queue_depth{queue="gpu"} 1.0' in text and 'trickserve_queue_depth{queue="cpu"} 0.0' in text
     assert f'trickserve_job_metric{{job_id="{running}",name="val/loss"}} 0.75' in text  # epoch 2's value
+    assert "early_stopping" not in text  # the callback's state is not a metric
     assert 'trickserve_http_request_duration_seconds_count{method="POST",route="/v1/jobs",status="201"} 2.0' in text
 
 

@@ -1,4 +1,4 @@
-"""Failure scenarios with real processes (reliability-notes.md §8): workers killed with SIGKILL or paused with
+"""Failure scenarios with real processes: workers killed with SIGKILL or paused with
 SIGSTOP, a job that kills its worker every time, a broker redelivering a running job, Redis and the API going
 away mid-job, SQLite under write contention, a crash in the middle of a checkpoint write, and early stopping across
 a resume. Every test checks the database, the source of truth: job status, attempts, transitions and events."""
@@ -91,7 +91,7 @@ def assert_resumed_once(service: Service, job_id: str, from_step: int, everythin
 
 @pytest.mark.parametrize("target", ["pool child", "process group"])
 def test_killed_worker_job_resumes_from_its_checkpoint_on_a_new_process(service, start_worker, target):
-    """§8.1: the job of a worker killed with SIGKILL (the pool child alone, as the OOM killer does, or the whole
+    """The job of a worker killed with SIGKILL (the pool child alone, as the OOM killer does, or the whole
     worker) is re-queued by a reaper once its lease runs out and resumes on a new process from its checkpoint."""
     epochs = 10
     job = service.enqueue_new(slow_spec(epochs=epochs))
@@ -138,7 +138,7 @@ def test_kill_between_checkpoint_file_and_its_pointer_resumes_from_the_pointed_c
 
 
 def test_job_that_kills_its_worker_every_time_fails_as_worker_lost_and_others_run(embedded, start_worker):
-    """§8.5: a job whose process dies at its first step, every attempt, is retried max_attempts times then fails
+    """A job whose process dies at its first step, every attempt, is retried max_attempts times then fails
     as worker_lost, without looping; a job submitted alongside succeeds on the same worker."""
     poison = embedded.enqueue_new(make_spec(resources={"max_attempts": 2}))
     other = embedded.enqueue_new(make_spec())
@@ -154,7 +154,7 @@ def test_job_that_kills_its_worker_every_time_fails_as_worker_lost_and_others_ru
 
 
 def test_job_cancelled_while_its_worker_is_dead_is_never_retried(embedded, start_worker):
-    """§8.6, between retries: the cancel arrives while the job's process is dead and its lease runs out; the
+    """Between retries: the cancel arrives while the job's process is dead and its lease runs out; the
     reaper ends it cancelled instead of retrying it, and the next job runs."""
     job = embedded.enqueue_new(slow_spec(epochs=10))
     worker = start_worker(**{faults.JOB_VAR: job.job_id, faults.AT_VAR: "step:50", faults.ATTEMPTS_VAR: "1"})
@@ -210,7 +210,7 @@ def pause(service: Service, worker: Worker, job_id: str) -> None:
 
 
 def test_paused_worker_is_fenced_and_its_late_writes_change_nothing(service, start_worker):
-    """§8.3: a worker paused (SIGSTOP) past its lease loses the job to another worker (attempt 2). Continued, the
+    """A worker paused (SIGSTOP) past its lease loses the job to another worker (attempt 2). Continued, the
     old attempt's writes (events, checkpoint pointer, status) change nothing and it stops by itself; the database
     never shows attempt 1 ending."""
     epochs = 24
@@ -260,7 +260,7 @@ def _attempt_rows(service: Service, job_id: str, attempt: int) -> tuple[list, li
 
 
 def test_job_outliving_the_redis_visibility_timeout_runs_exactly_once(production, start_worker, monkeypatch):
-    """§8.2: with a 2 s visibility timeout Redis hands the running job's message to the idle second worker; the
+    """With a 2 s visibility timeout Redis hands the running job's message to the idle second worker; the
     claim drops it, so one attempt trains: attempt 1 only, one running and one terminal transition, no duplicate
     metric step."""
     monkeypatch.setenv("TRICKSERVE_BROKER_VISIBILITY_TIMEOUT_S", "2")  # read by the workers started below
@@ -298,7 +298,7 @@ def own_redis(tmp_path: Path, monkeypatch: pytest.MonkeyPatch) -> Iterator[tuple
 
 
 def test_redis_outage_mid_job_loses_and_duplicates_nothing(own_redis, start_worker, start_api):
-    """§8.11: Redis (broker and notifications) is killed while a job trains and comes back empty. The job finishes
+    """Redis (broker and notifications) is killed while a job trains and comes back empty. The job finishes
     (continuing, or resumed from its checkpoint), its metrics have one point per step, polling answers throughout,
     the event stream falls back to database polling and ends; a job submitted meanwhile is stored (201,
     undispatched) and runs once Redis is back, once; so does a job whose message Redis lost."""
@@ -357,7 +357,7 @@ def test_redis_outage_mid_job_loses_and_duplicates_nothing(own_redis, start_work
 
 
 def test_event_stream_resumes_across_api_restarts_without_gap_or_repeat(embedded, start_worker, start_api):
-    """§8.10: the API process is stopped (SIGTERM, then SIGKILL) and started again on the same port while a job
+    """The API process is stopped (SIGTERM, then SIGKILL) and started again on the same port while a job
     runs; a client reconnecting with Last-Event-ID receives every event of the job exactly once."""
     worker = start_worker()
     api = start_api(embedded)
@@ -419,7 +419,7 @@ def _without_times(history: list[dict]) -> list[dict]:
 
 @pytest.mark.parametrize("cut", ["killed after the checkpoint", "stopped mid-epoch"])
 def test_early_stopping_patience_survives_a_resume(tmp_path: Path, cut: str):
-    """§8.7 (engine): interrupted after PATIENCE-1 non-improving epochs, the resumed run stops after exactly one
+    """In the engine: interrupted after PATIENCE-1 non-improving epochs, the resumed run stops after exactly one
     more, at the same epoch as an uninterrupted run, with the same best epoch and the same restored weights."""
     spec = JobSpec.model_validate(stopping_spec())
     full_rec = Recorder()
@@ -449,7 +449,7 @@ def test_early_stopping_patience_survives_a_resume(tmp_path: Path, cut: str):
 
 
 def test_early_stopped_job_killed_mid_patience_resumes_and_stops_on_time(embedded, start_worker):
-    """§8.7 (service): a worker killed one step after the checkpoint of epoch E-1 (PATIENCE-1 epochs without
+    """Through the service: a worker killed one step after the checkpoint of epoch E-1 (PATIENCE-1 epochs without
     improvement); attempt 2 trains exactly epoch E and the job ends early_stopped at the uninterrupted epoch."""
     threads = torch.get_num_threads()
     torch.set_num_threads(1)  # as the worker (OMP_NUM_THREADS=1): the same numbers, so the same stopping epoch
@@ -497,7 +497,7 @@ print(json.dumps({"written": written, "errors": errors}))
 
 
 def test_sqlite_takes_eight_concurrent_writers_without_database_is_locked(embedded, monkeypatch):
-    """§8.12: event batches, heartbeats, job submissions and reaper sweeps from threads and a second process at
+    """Event batches, heartbeats, job submissions and reaper sweeps from threads and a second process at
     once for CONTENTION_S: no "database is locked" (or any) error, and every row written is there."""
     claims = []
     for _ in range(4):
@@ -605,7 +605,7 @@ print("survived")
 
 @pytest.mark.parametrize("point", ["mid-write", "before rename"])
 def test_crash_while_writing_a_checkpoint_leaves_the_previous_one_loadable(tmp_path: Path, point: str):
-    """§8.4: a process SIGKILLed while it writes a checkpoint (or after writing, before the rename) leaves the
+    """A process SIGKILLed while it writes a checkpoint (or after writing, before the rename) leaves the
     previous checkpoint whole at the final path, and training resumes from its step."""
     spec = JobSpec.model_validate(make_spec(train={"epochs": 3}))
     train(spec, out_dir=tmp_path)
@@ -636,7 +636,7 @@ def _gone(pid: int) -> bool:
 
 
 def test_worker_pool_restarts_a_killed_worker_which_resumes_the_job_and_runs_later_ones(embedded):
-    """§8.1 under `trickserve up`: the WorkerPool replaces a worker whose main process is killed with SIGKILL. Its
+    """Under `trickserve up`: the WorkerPool replaces a worker whose main process is killed with SIGKILL. Its
     pool child dies with it (no orphan keeps training), the new worker resumes the job from its checkpoint, and
     runs the next job."""
     pool = WorkerPool([worker_argv("cpu,gpu", 1, f"pool-{os.getpid()}")])
@@ -666,7 +666,7 @@ def test_worker_pool_restarts_a_killed_worker_which_resumes_the_job_and_runs_lat
 
 
 def test_a_job_row_locked_by_a_frozen_transaction_does_not_stall_the_reaper(production, start_worker):
-    """§8.3, the worse pause: a worker frozen inside a transaction keeps its job's row locked (PostgreSQL waits
+    """The worse pause: a worker frozen inside a transaction keeps its job's row locked (PostgreSQL waits
     for it without limit). The reaper must still re-queue the other lost jobs (and the worker keep forking for
     them); the frozen job is settled once its lock goes."""
     frozen, lost = production.submit(make_spec()), production.submit(make_spec())

@@ -64,6 +64,10 @@ def test_early_stopped_job_records_the_early_stop(backend):
     assert done.status == "early_stopped" and done.stop_reason == "early_stop"
     assert len(backend.events(job.job_id, "early_stop")) == 1 and len(backend.events(job.job_id, "epoch_end")) == 2
     assert done.best_metrics["epoch"] == 1 and done.model_path is not None
+    epochs = [e.data for e in backend.events(job.job_id, "epoch_end")]
+    waits = [(d["early_stopping/wait"], d["early_stopping/patience"]) for d in epochs]
+    assert waits == [(0, 0), (1, 0)]  # what any reader of the events sees, after each epoch's decision
+    assert not any(key.startswith("early_stopping/") for key in done.best_metrics | done.final_metrics)
 
 
 def test_diverging_job_fails_as_diverged(backend):

@@ -98,6 +98,20 @@ def test_missing_monitor_skips_epoch():
     assert not ctx.should_stop and es.best is None
 
 
+@pytest.mark.parametrize("kw", [{"patience": 3}, {"baseline": 8.5, "patience": 4}, {"start_from_epoch": 2}])
+def test_an_epochs_report_is_the_state_its_epoch_leaves(kw):
+    es = EarlyStopping(EarlyStoppingSpec(monitor="val/loss", **kw))
+    ctx = RunContext(model=torch.nn.Linear(1, 1), epochs=len(KERAS_LOSSES), steps_per_epoch=1)
+    reports, states = [], []
+    for value in KERAS_LOSSES:
+        ctx.epoch += 1
+        reports.append(es.epoch_report(ctx, {"val/loss": value}))
+        es.on_epoch_end(ctx, {"val/loss": value})
+        states.append({"early_stopping/wait": es.wait, "early_stopping/patience": es.spec.patience,
+                       "early_stopping/best": es.best})
+    assert reports == states and len({r["early_stopping/wait"] for r in reports}) > 1
+
+
 def test_state_resets_on_train_begin():
     es, ctx, _, _ = run_sequence(KERAS_LOSSES, patience=0)
     es.on_train_begin(ctx)

@@ -17,6 +17,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core import jobs, tenants
 from core.db import create_db_engine, make_sessionmaker
 from core.engine.callbacks import Event
+from core.engine.events import EventKind
 from core.models import Artifact, FailureClass, Job, JobEvent, JobStatus, utcnow
 from tests.factories import make_job_spec
 
@@ -414,6 +415,37 @@ def test_events_page_by_cursor_and_filter_by_name(session_factory: Sessions) -> 
         first_two = jobs.list_events(s, job.job_id, limit=2)
         rest = jobs.list_events(s, job.job_id, after=first_two[-1].job_event_id)
         assert [e.job_event_id for e in first_two + rest] == [e.job_event_id for e in jobs.list_events(s, job.job_id)]
+
+
+def test_queued_running_and_cancelling_jobs_count_as_active(session_factory: Sessions) -> None:
+    assert JobStatus.leased() == (JobStatus.running, JobStatus.cancelling)
+    assert JobStatus.active() == (JobStatus.queued, JobStatus.running, JobStatus.cancelling)
+    queued, running, cancelling, done = (submit(session_factory) for _ in range(4))
+    for job in (running, cancelling, done):
+        claim(session_factory, job.job_id)
+    with session_factory() as s:
+        jobs.request_cancel(session=s, job_id=cancelling.job_id, tenant_id="acme")
+        assert jobs.finish_job(session=s, job_id=done.job_id, attempt=1, status="succeeded")
+        assert tenants.usage(s, "acme").active_jobs == 3
+        assert not jobs.heartbeat(session=s, job_id=done.job_id, attempt=1, lease_s=LEASE_S).alive
+        assert jobs.heartbeat(session=s, job_id=cancelling.job_id, attempt=1, lease_s=LEASE_S).cancel_requested
+    assert load(session_factory, queued.job_id).status.is_active
+    assert not load(session_factory, done.job_id).status.is_active
+
+
+def test_event_kinds_are_stored_as_the_strings_clients_read(session_factory: Sessions) -> None:
+    stored = ["progress", "epoch_end", "early_stop", "restored", "checkpoint", "warning", "resumed", "test", "diverged"]
+    job = submit(session_factory)
+    claim(session_factory, job.job_id)
+    batch = [Event(kind, 1, 1, {"value": 1.0}) for kind in EventKind if kind != EventKind.status]
+    with session_factory() as s:
+        assert jobs.record_events(session=s, job_id=job.job_id, attempt=1, events=batch)
+        events = jobs.list_events(s, job.job_id)
+        assert [e.kind for e in events if e.kind != "status"] == stored
+        assert {type(e.kind) for e in events} == {str}
+        [claimed] = jobs.list_events(s, job.job_id, kinds=[EventKind.status], after=events[0].job_event_id)
+        assert claimed.data["to"] == "running"
+    assert sorted(EventKind) == sorted([*stored, "status"])
 
 
 def test_resume_keeps_one_point_per_step_from_the_surviving_attempt(session_factory: Sessions) -> None:
