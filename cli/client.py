@@ -63,7 +63,7 @@ def api_key() -> str | None:
     return path.read_text().strip() if path.exists() else None
 
 
-def client(timeout: float | None = 30.0) -> httpx.Client:
+def client(timeout: float | httpx.Timeout | None = 30.0) -> httpx.Client:
     key = api_key()
     headers = {"Authorization": f"Bearer {key}"} if key else {}
     return httpx.Client(base_url=api_url(), headers=headers, timeout=timeout)
@@ -157,7 +157,9 @@ def stream_events(job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
 
 def parse_sse(lines: Iterator[str]) -> Iterator[tuple[str | None, str, dict[str, Any]]]:
     """Minimal Server-Sent Events parser: yields (id, event, parsed JSON data) per message."""
-    event_id, kind, data = None, "message", []
+    event_id: str | None = None
+    kind = "message"
+    data: list[str] = []
     for line in lines:
         if not line:
             if data:

@@ -28,7 +28,7 @@ def register(sub: argparse._SubParsersAction) -> None:
     p.add_argument("--port", type=int, default=8000)
     p.add_argument(
         "--graceful-shutdown-s",
-        type=float,
+        type=int,
         default=None,
         help="on SIGTERM, close connections still open (event streams) after this long; default: wait",
     )
@@ -102,7 +102,7 @@ def serve(
     port: int,
     *,
     log_level: str,
-    graceful_shutdown_s: float | None = None,
+    graceful_shutdown_s: int | None = None,
     before_exit: Callable[[], None] | None = None,
 ) -> None:
     """Serve the API on host:port until a signal, publishing jobs through the worker's Celery app."""
