@@ -99,6 +99,7 @@ def read_dataset(
 
 def _store(upload: Upload, session: Session, tenant_id: str, settings: Settings) -> Dataset:
     """Validate the received file against the tenant's quota and the caps, give it its final name, record it."""
+    _check_text(upload)
     _check_storage(session, tenant_id, upload.size_bytes, settings.max_dataset_storage_mb)
     label_column = (upload.fields.get("label_column") or "label").strip()
     description = _describe(upload, label_column)
@@ -130,6 +131,15 @@ def _check_examples(n_examples: int, limit: int) -> None:
     if n_examples > limit:
         message = f"{n_examples} examples; at most {limit} on this service"
         raise ApiError(422, "invalid_dataset", message, [problem("file", message, "less_than_equal")])
+
+
+def _check_text(upload: Upload) -> None:
+    # PostgreSQL text cannot hold NUL, and no name needs one.
+    texts = {"file": upload.filename, **upload.fields}
+    for field, text in texts.items():
+        if "\x00" in text:
+            message = f"{field}: must not contain NUL characters"
+            raise ApiError(422, "invalid_request", message, [problem(field, message, "nul_character")])
 
 
 def _describe(upload: Upload, label_column: str) -> dict:
