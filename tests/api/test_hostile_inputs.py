@@ -1,5 +1,5 @@
-"""Inputs PostgreSQL or the engine cannot take (non-finite numbers, NUL characters, seeds past 64 bits): each gets a
-4xx naming the field, the same on SQLite and PostgreSQL, and nothing stored."""
+"""Inputs PostgreSQL or the engine cannot take (non-finite numbers, NUL characters, seeds past 64 bits) and dataset
+files that lie or explode: each gets a 4xx naming the field, the same on SQLite and PostgreSQL, and nothing stored."""
 
 from __future__ import annotations
 
@@ -10,6 +10,7 @@ import pytest
 from fastapi.testclient import TestClient
 
 from core.jobs import encode_cursor
+from tests.bombs import npz_declaring, png_bomb_zip, zeros_npz
 from tests.factories import make_spec
 
 CSV = b"f1,label\n1.0,a\n2.0,b\n3.0,a\n"
@@ -101,3 +102,24 @@ def test_seeds_must_fit_a_signed_64_bit_integer(client: TestClient, path: str, t
     r = client.post("/v1/jobs", json=make_spec(**nested(path, 2**63 - 1)))
     assert r.status_code == 201, r.text
     assert client.get(f"/v1/jobs/{r.json()['id']}/spec").json() == r.json()["spec"]  # stored exactly
+
+
+@pytest.mark.parametrize(
+    ("filename", "content", "status", "code", "says"),
+    [
+        ("big.csv", f"f1,label\n{'1' * 200 * 1024},1\n1.0,0\n".encode(), 422, "invalid_dataset", "line 2"),
+        ("lies.npz", npz_declaring((10**12,)), 422, "invalid_dataset", "declares shape (1000000000000,)"),
+        ("bomb.npz", zeros_npz((64, 2**20)), 413, "dataset_too_large", "256.0 MiB once decoded"),
+        ("bomb.zip", png_bomb_zip(side=8000, count=4), 413, "dataset_too_large", "4 images of 3x8000x8000"),
+    ],
+)
+def test_dataset_files_that_lie_or_explode_are_refused_naming_the_file(
+    make_client: Callable[..., TestClient], db_url: str, filename: str, content: bytes, status, code, says
+):
+    client = make_client(database_url=db_url, max_dataset_memory_mb=16)
+    r = client.post("/v1/datasets", files={"file": (filename, content)})
+    assert_refused(r, status, code, "file")
+    message = r.json()["error"]["message"]
+    assert says in message and (status == 422 or "at most 16.0 MiB" in message), message
+    assert client.get("/v1/datasets").json()["items"] == []
+    assert client.get("/v1/quotas").json()["limits"]["max_dataset_memory_bytes"] == 16 * 2**20
