@@ -76,6 +76,25 @@ def page_limit(
 PageLimitDep = Annotated[int, Depends(page_limit)]
 
 
+def refuse_nul(request: Request) -> None:
+    """422 for a NUL character in a path or query parameter: PostgreSQL text cannot hold one, and no id or name
+    needs one. (HTTP servers refuse NUL in headers themselves.)"""
+    where = _nul_in(request)
+    if where is not None:
+        message = f"{where}: must not contain NUL characters"
+        raise ApiError(422, "invalid_request", message, [problem(where, message, "nul_character")])
+
+
+def _nul_in(request: Request) -> str | None:
+    for name, value in request.path_params.items():
+        if "\x00" in str(value):
+            return f"path.{name}"
+    for name, value in request.query_params.multi_items():
+        if "\x00" in name + value:
+            return f"query.{name.replace(chr(0), '')}"
+    return None
+
+
 def require_json(request: Request) -> None:
     """415 unless the body is declared as JSON (FastAPI would otherwise report a confusing type error)."""
     content_type = request.headers.get("content-type", "").split(";")[0].strip().lower()

@@ -6,10 +6,11 @@ from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
 
-from fastapi import FastAPI
+from fastapi import Depends, FastAPI
 from fastapi.openapi.utils import get_openapi
 from starlette.concurrency import run_in_threadpool
 
+from api.deps import refuse_nul
 from api.errors import install_error_handlers
 from api.limits import BodyLimitMiddleware
 from api.monitoring import LatencyMiddleware, Monitoring
@@ -37,6 +38,7 @@ def create_app(settings: Settings, *, send: Send) -> FastAPI:
         version="1",
         description=DESCRIPTION,
         lifespan=_lifespan,
+        dependencies=[Depends(refuse_nul)],
     )
     db = Database.from_settings(settings)
     app.state.settings = settings

@@ -252,6 +252,7 @@ class QuotaLimits(Public):
     max_dataset_examples: int = Field(description="most examples of an uploaded or synthetic dataset")
     max_upload_bytes: int = Field(description="largest dataset file")
     max_dataset_storage_bytes: int = Field(description="total size of the tenant's datasets")
+    max_dataset_memory_bytes: int = Field(description="most memory one uploaded dataset may take to read, decoded")
     max_body_bytes: int = Field(description="largest JSON request body")
     max_page_size: int = Field(description="most items one page may hold")
 

@@ -75,6 +75,13 @@ class Settings(BaseSettings):
     max_dataset_examples: int = Field(
         default=1_000_000, ge=1, description="most examples an uploaded or synthetic dataset may hold (count)"
     )
+    max_dataset_memory_mb: int = Field(
+        default=1024,
+        ge=1,
+        le=1_000_000,
+        description="most memory reading one uploaded dataset may take, decoded (MiB); checked against what the file "
+        "declares (array shapes, image sizes, rows) before decoding it",
+    )
     max_dataset_storage_mb: int = Field(
         default=10_240, ge=1, description="total size of the uploaded datasets a tenant may keep (MiB)"
     )

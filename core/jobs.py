@@ -562,6 +562,6 @@ def decode_cursor(cursor: str) -> tuple[datetime, str]:
         at = datetime.fromisoformat(created_at)
     except (ValueError, TypeError, binascii.Error) as exc:
         raise InvalidCursor("invalid cursor") from exc
-    if at.tzinfo is None or not isinstance(key, str):
+    if at.tzinfo is None or not isinstance(key, str) or "\x00" in key:  # PostgreSQL text cannot hold NUL
         raise InvalidCursor("invalid cursor")
     return at, key

@@ -15,13 +15,25 @@ MONITORS = ("train/loss", "train/acc", "val/loss", "val/acc")
 # Which direction improves each monitorable value; mirrors Keras' `mode="auto"` (loss down, accuracy up).
 MONITOR_MODE = {"loss": "min", "acc": "max", "accuracy": "max"}
 Probability = Annotated[float, Field(ge=0.0, le=1.0)]
+# torch and numpy take seeds as 64-bit integers; below 2**63 a seed also fits every signed 64-bit column and tensor.
+Seed = Annotated[int, Field(ge=0, lt=2**63)]
 InputKind = Literal["image", "signal", "vector"]
 
 
 class Strict(BaseModel):
-    """Base for every spec part: unknown fields are an error, assignments are re-validated."""
+    """Base for every spec part: unknown fields are an error, assignments are re-validated, numbers are finite and
+    text holds no NUL character."""
 
-    model_config = ConfigDict(extra="forbid", validate_assignment=True)
+    # NaN and Infinity are not JSON: a stored spec would read them back as null, and PostgreSQL refuses them.
+    model_config = ConfigDict(extra="forbid", validate_assignment=True, allow_inf_nan=False)
+
+    @field_validator("*")
+    @classmethod
+    def _no_nul(cls, v: Any) -> Any:
+        # PostgreSQL text cannot hold NUL, and no name, path or label needs one.
+        if isinstance(v, str) and "\x00" in v:
+            raise ValueError("must not contain NUL characters")
+        return v
 
 
 # ---------------------------------------------------------------------------------------------- data
@@ -35,7 +47,7 @@ class SplitSpec(Strict):
         lt=0.9,
         description="fraction held out for the final test; ignored when the dataset ships its own test split",
     )
-    seed: int = Field(0, ge=0, description="seed of the shuffle that assigns examples to splits")
+    seed: Seed = Field(0, description="seed of the shuffle that assigns examples to splits")
 
     @model_validator(mode="after")
     def _leaves_training_data(self) -> SplitSpec:
@@ -55,7 +67,7 @@ class SyntheticSpec(Strict):
         description="per-example shape: [C, L] for 1-D signals or [C, H, W] for images; null for flat vectors",
     )
     class_sep: float = Field(1.0, gt=0, le=100, description="distance between class centres (feature units)")
-    seed: int = Field(0, ge=0, description="seed of the generator")
+    seed: Seed = Field(0, description="seed of the generator")
 
     @field_validator("shape")
     @classmethod
@@ -400,7 +412,7 @@ class TrainSpec(Strict):
     epochs: int = Field(20, ge=1, le=10000, description="maximum number of epochs")
     batch_size: int = Field(128, ge=1, le=65536, description="examples per optimizer step")
     eval_batch_size: int = Field(2048, ge=1, le=65536, description="examples per evaluation forward pass")
-    seed: int = Field(0, ge=0, description="seed of initialization, shuffling, augmentation and dropout")
+    seed: Seed = Field(0, description="seed of initialization, shuffling, augmentation and dropout")
     label_smoothing: float = Field(0.0, ge=0, lt=1, description="cross-entropy label smoothing")
     early_stopping: EarlyStoppingSpec | None = Field(None, description="stop when the monitor stops improving")
     checkpoint_every: int = Field(1, ge=0, le=10000, description="epochs between checkpoints; 0 = only the last")

@@ -54,7 +54,11 @@ def upload_limit(max_upload_mb: int) -> int:
     status_code=201,
     openapi_extra=UPLOAD_OPENAPI,
     responses={
-        413: {"model": ErrorBody, "description": "over max_upload_mb, or the tenant's max_dataset_storage_mb"},
+        413: {
+            "model": ErrorBody,
+            "description": "over max_upload_mb, the tenant's max_dataset_storage_mb, or max_dataset_memory_mb once "
+            "decoded (dataset_too_large)",
+        },
         415: {"model": ErrorBody, "description": "not multipart/form-data"},
     },
 )
@@ -99,9 +103,10 @@ def read_dataset(
 
 def _store(upload: Upload, session: Session, tenant_id: str, settings: Settings) -> Dataset:
     """Validate the received file against the tenant's quota and the caps, give it its final name, record it."""
+    _check_text(upload)
     _check_storage(session, tenant_id, upload.size_bytes, settings.max_dataset_storage_mb)
     label_column = (upload.fields.get("label_column") or "label").strip()
-    description = _describe(upload, label_column)
+    description = _describe(upload, label_column, settings.max_dataset_memory_mb * 2**20)
     _check_examples(description["n_examples"], settings.max_dataset_examples)
     dataset_id = new_id("ds_")
     upload.path = upload.path.rename(upload.path.with_name(f"{dataset_id}{upload.path.suffix}"))
@@ -132,15 +137,27 @@ def _check_examples(n_examples: int, limit: int) -> None:
         raise ApiError(422, "invalid_dataset", message, [problem("file", message, "less_than_equal")])
 
 
-def _describe(upload: Upload, label_column: str) -> dict:
-    from core.engine.data import describe_dataset  # the engine imports torch: only when a file is really read
+def _check_text(upload: Upload) -> None:
+    # PostgreSQL text cannot hold NUL, and no name needs one.
+    texts = {"file": upload.filename, **upload.fields}
+    for field, text in texts.items():
+        if "\x00" in text:
+            message = f"{field}: must not contain NUL characters"
+            raise ApiError(422, "invalid_request", message, [problem(field, message, "nul_character")])
+
+
+def _describe(upload: Upload, label_column: str, max_bytes: int) -> dict:
+    # numpy only: the engine's torch stays out of the API until a job is submitted
+    from core.engine.budget import DatasetTooLarge
+    from core.engine.files import describe_dataset
 
     try:
-        return describe_dataset(upload.path, label_column)
+        return describe_dataset(upload.path, label_column, max_bytes)
     except SpecError as exc:
         field = "label_column" if exc.path == "data.label_column" else "file"
         message = exc.message.replace(upload.path.name, upload.filename)  # the user's name, not our temporary one
-        raise ApiError(422, "invalid_dataset", message, [problem(field, message, "invalid_dataset")]) from None
+        status, code = (413, "dataset_too_large") if isinstance(exc, DatasetTooLarge) else (422, "invalid_dataset")
+        raise ApiError(status, code, message, [problem(field, message, code)]) from None
 
 
 def _name(upload: Upload) -> str:

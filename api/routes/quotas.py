@@ -35,6 +35,7 @@ def limits(settings: Settings) -> QuotaLimits:
         max_dataset_examples=settings.max_dataset_examples,
         max_upload_bytes=settings.max_upload_mb * 2**20,
         max_dataset_storage_bytes=settings.max_dataset_storage_mb * 2**20,
+        max_dataset_memory_bytes=settings.max_dataset_memory_mb * 2**20,
         max_body_bytes=settings.max_body_kb * 1024,
         max_page_size=settings.max_page_size,
     )

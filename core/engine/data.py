@@ -68,14 +68,6 @@ def load_data(spec: DataSpec, device: torch.device | str = "cpu", path: str | No
     )  # fmt: skip
 
 
-def describe_dataset(path: str | Path, label_column: str = "label") -> dict:
-    """Summary of a dataset file, for validating uploads; raises SpecError when it cannot be used."""
-    raw = read_file(Path(path), label_column)
-    n_test = 0 if raw.test is None else len(raw.test[1])
-    return {"shape": list(raw.x.shape[1:]), "kind": KINDS[raw.x.ndim], "n_examples": len(raw.y) + n_test,
-            "n_classes": len(raw.names), "classes": raw.names, "has_test_split": raw.test is not None}  # fmt: skip
-
-
 def check_augment(augment: AugmentSpec, kind: str) -> None:
     """Raise SpecError when an enabled augmentation cannot apply to this kind of input."""
     for name in ("rotate", "crop", "color"):

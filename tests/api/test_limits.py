@@ -178,9 +178,10 @@ def test_zip_with_a_path_outside_the_archive_is_422(client: TestClient, settings
     assert not (settings.dataset_dir / "x.png").exists() and not (settings.dataset_dir.parent / "x.png").exists()
 
 
-def test_zip_declaring_a_huge_size_is_422(client: TestClient):
+def test_zip_declaring_a_huge_size_is_413(client: TestClient):
     r = upload(client, "bomb.zip", declared_huge(image_zip(["a/0.png", "b/0.png"])))
-    assert r.status_code == 422 and "GiB" in r.json()["error"]["message"]
+    assert r.status_code == 413 and r.json()["error"]["code"] == "dataset_too_large"
+    assert "unpack to 8.0 GiB; at most 2.0 GiB" in r.json()["error"]["message"]
 
 
 class Payload:

@@ -9,8 +9,9 @@ import pytest
 import torch
 from PIL import Image
 
-from core.engine import data, files
-from core.engine.data import describe_dataset, load_data
+from core.engine import budget, data, files
+from core.engine.data import load_data
+from core.engine.files import describe_dataset
 from core.spec import BUILTINS, DataSpec, SpecError, builtin_info
 
 
@@ -268,12 +269,12 @@ def test_zip_path_traversal_is_rejected(tmp_path, name):
 
 def test_zip_entry_count_and_size_limits(tmp_path, monkeypatch):
     path = write_zip(tmp_path, {f"{c}/{i}.png": Image.new("L", (4, 4)) for c in "ab" for i in range(3)})
-    monkeypatch.setattr(files, "MAX_ZIP_ENTRIES", 5)
+    monkeypatch.setattr(budget, "MAX_ZIP_ENTRIES", 5)
     with pytest.raises(SpecError, match="entries"):
         describe_dataset(path)
-    monkeypatch.setattr(files, "MAX_ZIP_ENTRIES", 100)
-    monkeypatch.setattr(files, "MAX_ZIP_BYTES", 100)
-    with pytest.raises(SpecError, match="GiB"):
+    monkeypatch.setattr(budget, "MAX_ZIP_ENTRIES", 100)
+    monkeypatch.setattr(budget, "MAX_ZIP_BYTES", 100)
+    with pytest.raises(budget.DatasetTooLarge, match="unpack to .* bytes; at most 100 bytes"):
         describe_dataset(path)
 
 
