@@ -219,11 +219,24 @@ class DatasetsPage(Public):
 # --------------------------------------------------------------------------------------------- specs
 
 
+class MemoryEstimatePublic(Public):
+    """The memory a job is estimated to need (bytes), refused above the service's max_job_memory_mb."""
+
+    total_bytes: int = Field(description="the peak: while loading the data, or while training")
+    loading_bytes: int = Field(description="while the dataset is read, split and normalized")
+    data_bytes: int = Field(description="every split's inputs and labels, kept while training")
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int = Field(description="optimizer state and the temporaries of one step")
+    activation_bytes: int = Field(description="one training batch (forward and backward) or one evaluation batch")
+
+
 class SpecValidation(Public):
     valid: bool = True
     spec: dict[str, Any] = Field(description="the resolved spec: every default filled in")
     advice: list[AdvicePublic]
     parameter_count: int = Field(description="parameters of the model built for the dataset's inputs")
+    memory: MemoryEstimatePublic | None = Field(description="the memory the job is estimated to need")
     input_shape: list[int]
     n_classes: int
     queue: str

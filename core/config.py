@@ -78,6 +78,12 @@ class Settings(BaseSettings):
     max_dataset_storage_mb: int = Field(
         default=10_240, ge=1, description="total size of the uploaded datasets a tenant may keep (MiB)"
     )
+    max_job_memory_mb: int = Field(
+        default=4096,
+        ge=1,
+        description="largest memory a job may be estimated to need (data, model, optimizer state, activations of "
+        "one batch) (MiB); keep it below a worker's memory",
+    )
     metrics_token: str | None = Field(
         default=None,
         min_length=16,
