@@ -41,6 +41,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 BAD_CURSOR: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "a cursor this API did not make (invalid_cursor)"}
 }
+STORAGE_FULL: dict[str, Any] = {
+    "model": ErrorBody,
+    "description": "the disk or the database is full (storage_full); see Retry-After",
+}
 BAD_JSON_BODY: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "the body cannot be read (not UTF-8, not JSON)"},
     413: {"model": ErrorBody, "description": "the body is larger than settings.max_body_kb"},
@@ -251,7 +255,7 @@ class Health(Public):
 
 class Readiness(Public):
     status: Literal["ready"] = "ready"
-    checks: dict[str, str] = Field(description="database and broker: ok")
+    checks: dict[str, str] = Field(description="database, broker and disk: ok")
 
 
 # -------------------------------------------------------------------------------------------- quotas
