@@ -76,7 +76,7 @@ def run_job(job_id: str, *, worker_id: str, settings: Settings, db: Database) ->
             raise
         # Nothing can be recorded: the lease runs out, and the reaper retries the job from its last checkpoint
         # (counting the attempt) once the database takes writes again.
-        log.error("job %s: attempt %d stopped, the database is full: %s", job_id, claim.attempt, exc)
+        log.error("job %s: attempt %d stopped, the database is full: %s", job_id, claim.attempt, _first_line(exc))
         return "stopped"
     publish(settings.redis_url, job_id)
     log.info("job %s: attempt %d ended %s", job_id, claim.attempt, outcome.status)
@@ -88,6 +88,7 @@ def _attempt(claim: jobs.Claim, settings: Settings, db: Database, reporter: DBRe
     one-line message."""
     from core.engine import train  # the trainer pulls in the data loaders: imported when a job runs
 
+    folder = attempt_dir(settings, claim.job_id, claim.attempt)
     try:
         spec = JobSpec.model_validate(claim.spec)
         data_path, transfer_from = _resolve_inputs(claim.job_id, spec, settings, db)
@@ -96,7 +97,7 @@ def _attempt(claim: jobs.Claim, settings: Settings, db: Database, reporter: DBRe
             spec,
             [*crash_hooks(claim.job_id, claim.attempt), reporter, cancel],  # crash_hooks: tests only
             resume_from=_resume_from(claim, reporter),
-            out_dir=attempt_dir(settings, claim.job_id, claim.attempt),
+            out_dir=folder,
             data_path=data_path,
             transfer_from=transfer_from,
         )
@@ -105,9 +106,9 @@ def _attempt(claim: jobs.Claim, settings: Settings, db: Database, reporter: DBRe
     except OperationalError as exc:
         if not is_disk_full(exc):  # the database being away is no fault of the job: the reaper retries the attempt
             raise
-        return failure(exc, claim.job_id, attempt_dir(settings, claim.job_id, claim.attempt))
+        return failure(exc, claim.job_id, folder)
     except Exception as exc:  # noqa: BLE001 - the job records why it failed; the worker carries on
-        return failure(exc, claim.job_id, attempt_dir(settings, claim.job_id, claim.attempt))
+        return failure(exc, claim.job_id, folder)
     return outcome_of(result, spec)
 
 
@@ -205,8 +206,10 @@ def failure(exc: BaseException, job_id: str, folder: Path | None = None) -> Outc
 
 
 def _disk_full_message(exc: BaseException, folder: Path | None) -> str:
-    if isinstance(exc, DatabaseFull | OperationalError):
-        return str(exc) if isinstance(exc, DatabaseFull) else f"the database is full: {_first_line(exc)}"
+    if isinstance(exc, DatabaseFull):
+        return str(exc)
+    if isinstance(exc, OperationalError):
+        return f"the database is full: {_first_line(exc)}"
     written = getattr(exc, "filename", None)  # an OSError names its file; torch's and safetensors' writers do not
     where = Path(written).parent if written else folder
     if where is None:
