@@ -15,6 +15,7 @@ from core import jobs
 from core.config import Settings
 from core.dispatch import Send
 from core.models import Job
+from core.storage import check_free_space
 
 
 def get_settings(request: Request) -> Settings:
@@ -113,3 +114,14 @@ def get_send(request: Request) -> Send:
 
 
 SendDep = Annotated[Send, Depends(get_send)]
+
+
+def require_free_disk(settings: SettingsDep) -> None:
+    """507 (StorageFull) when a folder the service writes to has less than settings.min_free_disk_mb free: a job or
+    an upload accepted now would fail for lack of space, and might take the database down with it."""
+    if settings.min_free_disk_mb:
+        check_free_space(settings.storage_folders(), settings.min_free_disk_mb)
+
+
+# On the routes that store something new (jobs, uploads).
+FREE_DISK = [Depends(require_free_disk)]

@@ -11,11 +11,13 @@ from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse
 from pydantic import ValidationError
+from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
 from starlette.routing import Match
 
 from core.jobs import IdempotencyConflict, IllegalTransition, InvalidCursor, JobNotFound
 from core.spec import SpecError, spec_errors
+from core.storage import StorageFull, is_disk_full
 from core.submit import InvalidSpec, TooManyActiveJobs
 
 log = logging.getLogger(__name__)
@@ -33,6 +35,7 @@ STATUS_CODES = {
     422: "invalid_request",
     429: "too_many_requests",
     503: "unavailable",
+    507: "storage_full",
 }
 
 
@@ -121,6 +124,26 @@ async def _submit_invalid(request: Request, exc: InvalidSpec) -> JSONResponse:
     return _invalid_spec(exc.errors)
 
 
+def storage_full(message: str, retry_after_s: int) -> ApiError:
+    """A 507: the disk or the database has no space for what was asked; try again once space is freed."""
+    return ApiError(507, "storage_full", message, headers={"Retry-After": str(retry_after_s)})
+
+
+async def _storage_full(request: Request, exc: StorageFull) -> JSONResponse:
+    message = f"{exc}; new jobs and uploads are refused until space is freed"
+    return await _api_error(request, storage_full(message, request.app.state.settings.retry_after_s))
+
+
+async def _disk_or_internal(request: Request, exc: Exception) -> JSONResponse:
+    """A write that failed for lack of space (a file, SQLite, PostgreSQL) is a 507; any other such error a 500."""
+    if not is_disk_full(exc):
+        return await _internal(request, exc)
+    what = "the database is full" if isinstance(exc, OperationalError) else "the disk is full"
+    log.warning("%s on %s %s: %s", what, request.method, request.url.path, str(exc).splitlines()[0])
+    retry_after_s = request.app.state.settings.retry_after_s
+    return await _api_error(request, storage_full(f"{what}; try again once space is freed", retry_after_s))
+
+
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
     error_id = secrets.token_hex(8)
     log.error("internal error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
@@ -147,4 +170,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(IdempotencyConflict, _simple(422, "idempotency_key_reused"))
     app.add_exception_handler(JobNotFound, _simple(404, "not_found", lambda exc: f"no job {exc}"))
     app.add_exception_handler(InvalidCursor, _simple(400, "invalid_cursor"))
+    app.add_exception_handler(StorageFull, _storage_full)
+    app.add_exception_handler(OSError, _disk_or_internal)
+    app.add_exception_handler(OperationalError, _disk_or_internal)
     app.add_exception_handler(Exception, _internal)

@@ -41,6 +41,10 @@ ERRORS: dict[int | str, dict[str, Any]] = {
 BAD_CURSOR: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "a cursor this API did not make (invalid_cursor)"}
 }
+STORAGE_FULL: dict[str, Any] = {
+    "model": ErrorBody,
+    "description": "the disk or the database is full (storage_full); see Retry-After",
+}
 BAD_JSON_BODY: dict[int | str, dict[str, Any]] = {
     400: {"model": ErrorBody, "description": "the body cannot be read (not UTF-8, not JSON)"},
     413: {"model": ErrorBody, "description": "the body is larger than settings.max_body_kb"},
@@ -219,11 +223,24 @@ class DatasetsPage(Public):
 # --------------------------------------------------------------------------------------------- specs
 
 
+class MemoryEstimatePublic(Public):
+    """The memory a job is estimated to need (bytes), refused above the service's max_job_memory_mb."""
+
+    total_bytes: int = Field(description="the peak: while loading the data, or while training")
+    loading_bytes: int = Field(description="while the dataset is read, split and normalized")
+    data_bytes: int = Field(description="every split's inputs and labels, kept while training")
+    parameter_bytes: int
+    gradient_bytes: int
+    optimizer_bytes: int = Field(description="optimizer state and the temporaries of one step")
+    activation_bytes: int = Field(description="one training batch (forward and backward) or one evaluation batch")
+
+
 class SpecValidation(Public):
     valid: bool = True
     spec: dict[str, Any] = Field(description="the resolved spec: every default filled in")
     advice: list[AdvicePublic]
     parameter_count: int = Field(description="parameters of the model built for the dataset's inputs")
+    memory: MemoryEstimatePublic | None = Field(description="the memory the job is estimated to need")
     input_shape: list[int]
     n_classes: int
     queue: str
@@ -238,7 +255,7 @@ class Health(Public):
 
 class Readiness(Public):
     status: Literal["ready"] = "ready"
-    checks: dict[str, str] = Field(description="database and broker: ok")
+    checks: dict[str, str] = Field(description="database, broker and disk: ok")
 
 
 # -------------------------------------------------------------------------------------------- quotas

@@ -10,6 +10,7 @@ from typing import Any
 
 from pydantic import Field, field_validator, model_validator
 from pydantic_settings import BaseSettings, SettingsConfigDict
+from sqlalchemy.engine import make_url
 
 
 class Settings(BaseSettings):
@@ -85,6 +86,18 @@ class Settings(BaseSettings):
     max_dataset_storage_mb: int = Field(
         default=10_240, ge=1, description="total size of the uploaded datasets a tenant may keep (MiB)"
     )
+    max_job_memory_mb: int = Field(
+        default=4096,
+        ge=1,
+        description="largest memory a job may be estimated to need (data, model, optimizer state, activations of "
+        "one batch) (MiB); keep it below a worker's memory",
+    )
+    min_free_disk_mb: int = Field(
+        default=100,
+        ge=0,
+        description="free space the home, artifact and dataset folders must keep: below it new jobs and uploads "
+        "are refused with 507 and /readyz answers 503 (MiB); 0 turns the check off",
+    )
     metrics_token: str | None = Field(
         default=None,
         min_length=16,
@@ -115,6 +128,14 @@ class Settings(BaseSettings):
             "data_folder_out": queue,
             "processed_folder": str(self.broker_dir / "processed"),
         }
+
+    def storage_folders(self) -> list[Path]:
+        """The folders the service writes files to: home, artifacts, datasets and the SQLite database's folder."""
+        folders = [self.home, self.artifact_dir, self.dataset_dir]
+        url = make_url(self.database_url)
+        if url.get_backend_name() == "sqlite" and url.database and url.database != ":memory:":
+            folders.append(Path(url.database).parent)
+        return folders
 
     def ensure_dirs(self) -> None:
         """Create the folders the service writes to (the filesystem broker needs its folders to exist)."""

@@ -283,6 +283,20 @@ def finish_job(
     return True
 
 
+def fail_held_attempt(
+    *, session: Session, job_id: str, held_by: str, failure_class: FailureClass | str, message: str
+) -> bool:
+    """Fail the attempt whose lease owner starts with `held_by` (e.g. `host/` of a worker whose process died),
+    from outside that attempt; False, changing nothing, when no such attempt holds the job any more (it finished,
+    or was re-queued or claimed by another worker)."""
+    with committing(session):
+        job = _locked(session, job_id)
+        if job is None or not job.status.holds_lease or not (job.lease_owner or "").startswith(held_by):
+            return False
+        _fail(session, job, FailureClass(failure_class), message, utcnow())
+    return True
+
+
 # ------------------------------------------------------------------------------------- cancel, reaper
 
 

@@ -89,6 +89,7 @@ class FailureClass(enum.StrEnum):
     timeout = "timeout"
     worker_lost = "worker_lost"
     out_of_memory = "out_of_memory"
+    disk_full = "disk_full"
     internal = "internal"
 
 

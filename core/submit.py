@@ -6,7 +6,7 @@ import json
 from collections.abc import Iterator
 from contextlib import contextmanager
 from dataclasses import asdict, dataclass
-from typing import Any
+from typing import TYPE_CHECKING, Any
 
 from pydantic import ValidationError
 from sqlalchemy import event, func, select
@@ -15,7 +15,10 @@ from sqlalchemy.orm import Session
 from core import jobs
 from core.config import Settings
 from core.models import Dataset, Job, JobStatus
-from core.spec import JobSpec, spec_errors
+from core.spec import JobSpec, SpecError, builtin_info, spec_errors
+
+if TYPE_CHECKING:
+    from core.engine.memory import MemoryEstimate
 
 CPU_QUEUE, GPU_QUEUE = "cpu", "gpu"
 
@@ -46,15 +49,19 @@ class TooManyActiveJobs(SubmitError):
 
 @dataclass(frozen=True)
 class Caps:
-    """The most a spec may ask for (settings max_epochs, max_runtime_s, max_dataset_examples)."""
+    """The most a spec may ask for (settings max_epochs, max_runtime_s, max_dataset_examples, max_job_memory_mb;
+    None: no memory limit)."""
 
     max_epochs: int
     max_runtime_s: float
     max_dataset_examples: int
+    max_job_memory_mb: int | None = None
 
     @classmethod
     def from_settings(cls, settings: Settings) -> Caps:
-        return cls(settings.max_epochs, settings.max_runtime_s, settings.max_dataset_examples)
+        return cls(
+            settings.max_epochs, settings.max_runtime_s, settings.max_dataset_examples, settings.max_job_memory_mb
+        )
 
 
 @dataclass(frozen=True)
@@ -82,6 +89,7 @@ def submit(
     check_caps(spec, caps)
     try:
         check_references(session, tenant_id, spec)
+        check_memory(session, tenant_id, spec, caps.max_job_memory_mb)
         if max_active_jobs is not None:
             _check_active_limit(session, tenant_id, idempotency_key, max_active_jobs)
     except SubmitError:
@@ -152,6 +160,51 @@ def check_caps(spec: JobSpec, caps: Caps) -> None:
         errors.append(_error("data.synthetic.n_samples", message, "less_than_equal"))
     if errors:
         raise InvalidSpec(errors)
+
+
+def job_memory_estimate(session: Session, tenant_id: str, spec: JobSpec) -> MemoryEstimate | None:
+    """The memory the job is estimated to need (core.engine.memory); None when its dataset or model cannot be sized
+    before it runs (the worker then reports why)."""
+    from core.engine import memory  # the engine imports torch: only when a job is really checked
+
+    size = _data_size(session, tenant_id, spec)
+    if size is None:
+        return None
+    try:
+        return memory.estimate_memory(spec, memory.DataSize(*size))
+    except (SpecError, RuntimeError, ValueError):  # e.g. more pooling than the input has pixels
+        return None
+
+
+def check_memory(session: Session, tenant_id: str, spec: JobSpec, limit_mb: int | None) -> MemoryEstimate | None:
+    """Raise InvalidSpec, naming the field that weighs most, when the job is estimated to need more than `limit_mb`
+    MiB of memory; returns the estimate."""
+    estimate = job_memory_estimate(session, tenant_id, spec)
+    if estimate is None or limit_mb is None or estimate.total_bytes <= limit_mb * 2**20:
+        return estimate
+    from core.engine.memory import driving_path
+
+    mib = {name: round(value / 2**20) for name, value in estimate.parts().items()}
+    message = (
+        f"the job would need about {mib['total_bytes']} MiB of memory (data {mib['data_bytes']} MiB, "
+        f"{mib['loading_bytes']} MiB while loading; model, gradients and optimizer state "
+        f"{round(estimate.model_bytes / 2**20)} MiB; activations {mib['activation_bytes']} MiB); "
+        f"this service allows {limit_mb} MiB per job"
+    )
+    raise InvalidSpec([_error(driving_path(spec, estimate), message, "memory_limit")])
+
+
+def _data_size(session: Session, tenant_id: str, spec: JobSpec) -> tuple[int, tuple[int, ...], int] | None:
+    """Examples (all splits), shape of one example and classes of the spec's dataset, from the built-in table or
+    the uploaded dataset's description."""
+    builtin = builtin_info(spec.data)
+    if builtin is not None:
+        return builtin.n_examples + builtin.n_test, builtin.input_shape, builtin.n_classes
+    query = select(Dataset.description).where(Dataset.dataset_id == spec.data.dataset, Dataset.tenant_id == tenant_id)
+    description = session.scalar(query)
+    if not description or not {"n_examples", "shape", "n_classes"} <= description.keys():
+        return None
+    return int(description["n_examples"]), tuple(description["shape"]), int(description["n_classes"])
 
 
 def queue_for(spec: JobSpec) -> str:

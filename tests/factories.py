@@ -3,11 +3,15 @@ them, and a Backend (settings and their database) with the reads tests make."""
 
 from __future__ import annotations
 
+import errno
 import io
+import os
+import shutil
 import time
 from collections.abc import Callable, Iterator
 from contextlib import contextmanager
 from dataclasses import dataclass
+from pathlib import Path
 from typing import Any
 
 import numpy as np
@@ -153,3 +157,21 @@ def wait_for(condition: Callable[[], Any], timeout: float = 20.0, what: str = "c
             return value
         time.sleep(0.02)
     raise AssertionError(f"timed out after {timeout}s waiting for {what}")
+
+
+def fill_disk(folder: Path, leave_bytes: int = 0) -> Path:
+    """A file that takes all the free space of `folder`'s filesystem but `leave_bytes` (as near as a concurrent writer
+    lets it); delete it to free the space."""
+    filler = folder / "filler"
+    with open(filler, "wb") as f:
+        for _ in range(20):  # another writer may take some of the space between the measure and the allocation
+            size = shutil.disk_usage(folder).free - leave_bytes
+            if size <= 0:
+                break
+            try:
+                os.posix_fallocate(f.fileno(), os.fstat(f.fileno()).st_size, size)
+                break
+            except OSError as exc:
+                if exc.errno != errno.ENOSPC:
+                    raise
+    return filler

@@ -5,9 +5,10 @@ says what to do, and the reaper re-sends whatever a lost or duplicated message w
 
 - `task_acks_late` + `worker_prefetch_multiplier=1`: a worker reserves only the job it runs, so a queued job never
   waits behind a long one inside a busy worker while another worker idles.
-- `task_reject_on_worker_lost=False`: when the process running a job dies (OOM killer, segfault) the message is
+- `task_reject_on_worker_lost=False`: when the process running a job dies (segfault, kill -9) the message is
   acked, not requeued. Requeueing has no redelivery cap and loops on a job that always crashes; instead the lease
-  expires, the reaper re-queues the job from its checkpoint and counts the attempt against `max_attempts`.
+  expires, the reaper re-queues the job from its checkpoint and counts the attempt against `max_attempts`. A death
+  by the OOM killer fails the job at once as `out_of_memory` (worker/oom.py): it would only die again.
 - Redis `visibility_timeout` is long (a day, `broker_visibility_timeout_s`): a job outliving it would be redelivered
   while still running; that duplicate is harmless (the claim is a compare-and-set and drops it) but pointless.
   Recovery does not wait for it either: the lease and the outbox sweep re-send a lost job after `lease_s` /

@@ -14,6 +14,7 @@ from core.config import Settings
 from core.db import Database
 from core.dispatch import Send, dispatch
 from worker.celery_app import WorkerApp
+from worker.logs import Throttled
 
 log = logging.getLogger(__name__)
 BATCH = 100  # jobs sent per sweep; the next sweep sends the rest
@@ -34,17 +35,26 @@ def sweep(settings: Settings, db: Database, send: Send) -> dict[str, int]:
 
 
 def reaper_loop(settings: Settings, db: Database, send: Send, stop: threading.Event) -> None:
-    """Sweep now and then every settings.reaper_interval_s until `stop` is set; an error only skips one pass."""
+    """Sweep now and then every settings.reaper_interval_s until `stop` is set; an error only skips one pass (and
+    is logged once, then once a minute while it lasts)."""
+    failures = Throttled(log)
     while True:
         with _sweeping:
             try:
                 sweep(settings, db, send)
-            except Exception:  # noqa: BLE001 - a database or broker outage must not end the loop
-                log.exception("reaper: sweep failed")
+            except Exception as exc:  # noqa: BLE001 - a database or broker outage must not end the loop
+                failures.log(logging.ERROR, "reaper: sweep failed: %s", _first_line(exc), exc_info=True)
+            else:
+                failures.reset()
             # No database connection stays open between sweeps, so a pool process forked now inherits none.
             db.dispose()
         if stop.wait(settings.reaper_interval_s):
             return
+
+
+def _first_line(exc: BaseException) -> str:
+    lines = str(exc).strip().splitlines()
+    return f"{type(exc).__name__}: {lines[0] if lines else ''}"
 
 
 def run_in_worker(app: WorkerApp) -> None:

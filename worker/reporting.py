@@ -16,6 +16,8 @@ from core.db import Database
 from core.engine.callbacks import Callback, Event, RunContext
 from core.engine.events import EventKind
 from core.notify import publish
+from core.storage import is_disk_full
+from worker.logs import Throttled
 
 log = logging.getLogger(__name__)
 FLUSH_INTERVAL_S = 0.5  # progress events wait at most this long; anything else is stored at once
@@ -24,6 +26,10 @@ CHECKPOINT_SLOTS = 2  # the checkpoint the database points at, and the one being
 
 class Fenced(Exception):
     """This attempt no longer holds the job (its lease was lost; another attempt may run): stop, write nothing."""
+
+
+class DatabaseFull(Exception):
+    """The database refuses writes because its disk is full: the attempt stops rather than train on unrecorded."""
 
 
 class DBReporter(Callback):
@@ -42,6 +48,9 @@ class DBReporter(Callback):
         self.job_id, self.attempt, self.redis_url, self.db = job_id, attempt, redis_url, db
         self.flush_interval_s = flush_interval_s
         self.fenced = threading.Event()  # set by a failed write, or by the heartbeat thread when the lease is lost
+        self.checkpoint_path: str | None = None  # the snapshot the database points at, once this attempt stored one
+        self._full: BaseException | None = None  # a write the database refused for lack of space (heartbeat thread)
+        self._warnings = Throttled(log)
         self._buffer: list[Event] = []
         self._last_flush = time.monotonic()
         self._slot = 0  # the snapshot slot the next checkpoint goes to; the database points at another one
@@ -77,10 +86,11 @@ class DBReporter(Callback):
                     size_bytes=snapshot.stat().st_size,
                 )
         except OperationalError as exc:  # the database is away: the next checkpoint moves the pointer
-            log.warning("job %s: checkpoint pointer not stored: %s", self.job_id, exc)
+            self._away(exc, "job %s: checkpoint pointer not stored: %s", self.job_id, exc)
             return
         if not ok:
             self.fence()
+        self.checkpoint_path = str(snapshot)
         self._slot = (self._slot + 1) % CHECKPOINT_SLOTS
 
     def on_train_end(self, ctx: RunContext) -> None:
@@ -94,8 +104,9 @@ class DBReporter(Callback):
             with self.db.session() as session:
                 ok = jobs.record_events(session=session, job_id=self.job_id, attempt=self.attempt, events=self._buffer)
         except OperationalError as exc:
-            log.warning("job %s: %d events kept for the next flush: %s", self.job_id, len(self._buffer), exc)
+            self._away(exc, "job %s: %d events kept for the next flush: %s", self.job_id, len(self._buffer), exc)
             return
+        self._warnings.reset()
         self._last_flush = time.monotonic()
         if not ok:
             self.fence()
@@ -103,13 +114,32 @@ class DBReporter(Callback):
         publish(self.redis_url, self.job_id)
 
     def check(self) -> None:
-        """Raise Fenced once the attempt has lost the job."""
+        """Raise Fenced once the attempt has lost the job, DatabaseFull once the database has no space to record it."""
         if self.fenced.is_set():
             raise Fenced(f"job {self.job_id}: attempt {self.attempt} lost its lease")
+        if self._full is not None:
+            raise DatabaseFull(f"the database is full: {_first_line(self._full)}") from self._full
+
+    def database_full(self, exc: BaseException) -> None:
+        """Stop the attempt at its next step: the database (another thread found) has no space left."""
+        self._full = exc
+
+    def _away(self, exc: OperationalError, message: str, *args: object) -> None:
+        # A full database stays full while this attempt trains: stop it (it keeps its last checkpoint). Otherwise
+        # the database is away for a while; say so once in a while, not at every event.
+        if is_disk_full(exc):
+            self.database_full(exc)
+            self.check()
+        self._warnings.warning(message, *args)
 
     def fence(self) -> None:
         self.fenced.set()
         self.check()
+
+
+def _first_line(exc: BaseException) -> str:
+    orig = getattr(exc, "orig", None)  # a database driver's own message, without SQLAlchemy's statement
+    return (str(orig) if orig is not None else str(exc)).strip().split("\n")[0]
 
 
 def snapshot_file(path: Path, slot: int) -> Path:

@@ -21,8 +21,10 @@ from core.engine.events import EventKind
 from core.models import Dataset, FailureClass, Job, JobStatus
 from core.notify import publish
 from core.spec import JobSpec, SpecError, spec_errors
+from core.storage import free_bytes, is_disk_full
 from worker.faults import crash_hooks
-from worker.reporting import DBReporter, Fenced
+from worker.logs import Throttled
+from worker.reporting import DatabaseFull, DBReporter, Fenced
 
 log = logging.getLogger(__name__)
 MAX_MESSAGE = 500
@@ -43,8 +45,8 @@ class Outcome:
 
 def run_job(job_id: str, *, worker_id: str, settings: Settings, db: Database) -> str:
     """Run the next attempt of a queued job. Returns the terminal status it ended with, "dropped" when there was
-    nothing to claim (a duplicate or stale message), or "fenced" when the attempt lost its lease and stopped
-    without writing anything more."""
+    nothing to claim (a duplicate or stale message), "fenced" when the attempt lost its lease and stopped
+    without writing anything more, or "stopped" when the database had no space left to record how it ended."""
     with db.session() as session:
         claim = jobs.claim_job(session=session, job_id=job_id, worker_id=worker_id, lease_s=settings.lease_s)
     if claim is None:
@@ -54,14 +56,28 @@ def run_job(job_id: str, *, worker_id: str, settings: Settings, db: Database) ->
     publish(settings.redis_url, job_id)
     reporter = DBReporter(job_id=job_id, attempt=claim.attempt, redis_url=settings.redis_url, db=db)
     cancel = StopFlag("cancelled")
+    beat = Heartbeat(
+        claim, settings, db, on_cancel=cancel.set, on_lost=reporter.fenced.set, on_full=reporter.database_full
+    )
     try:
-        with Heartbeat(claim, settings, db, on_cancel=cancel.set, on_lost=reporter.fenced.set):
+        with beat:
             outcome = _attempt(claim, settings, db, reporter, cancel)
+            if outcome.status == JobStatus.failed:  # before the last writes, which may need the space it frees
+                clean_attempt(
+                    attempt_dir(settings, job_id, claim.attempt), [reporter.checkpoint_path, outcome.model_path]
+                )
             reporter.flush()  # the last events (the test metrics come after on_train_end)
             _finish(claim, outcome, db)
     except Fenced:
         log.warning("job %s: attempt %d was fenced out; it stopped and wrote nothing more", job_id, claim.attempt)
         return "fenced"
+    except (DatabaseFull, OperationalError) as exc:
+        if not is_disk_full(exc):
+            raise
+        # Nothing can be recorded: the lease runs out, and the reaper retries the job from its last checkpoint
+        # (counting the attempt) once the database takes writes again.
+        log.error("job %s: attempt %d stopped, the database is full: %s", job_id, claim.attempt, _first_line(exc))
+        return "stopped"
     publish(settings.redis_url, job_id)
     log.info("job %s: attempt %d ended %s", job_id, claim.attempt, outcome.status)
     return str(outcome.status)
@@ -72,6 +88,7 @@ def _attempt(claim: jobs.Claim, settings: Settings, db: Database, reporter: DBRe
     one-line message."""
     from core.engine import train  # the trainer pulls in the data loaders: imported when a job runs
 
+    folder = attempt_dir(settings, claim.job_id, claim.attempt)
     try:
         spec = JobSpec.model_validate(claim.spec)
         data_path, transfer_from = _resolve_inputs(claim.job_id, spec, settings, db)
@@ -80,15 +97,18 @@ def _attempt(claim: jobs.Claim, settings: Settings, db: Database, reporter: DBRe
             spec,
             [*crash_hooks(claim.job_id, claim.attempt), reporter, cancel],  # crash_hooks: tests only
             resume_from=_resume_from(claim, reporter),
-            out_dir=attempt_dir(settings, claim.job_id, claim.attempt),
+            out_dir=folder,
             data_path=data_path,
             transfer_from=transfer_from,
         )
-    except (Fenced, OperationalError):
-        # The database being away is no fault of the job: the lease runs out and the reaper retries the attempt.
+    except Fenced:
         raise
+    except OperationalError as exc:
+        if not is_disk_full(exc):  # the database being away is no fault of the job: the reaper retries the attempt
+            raise
+        return failure(exc, claim.job_id, folder)
     except Exception as exc:  # noqa: BLE001 - the job records why it failed; the worker carries on
-        return failure(exc, claim.job_id)
+        return failure(exc, claim.job_id, folder)
     return outcome_of(result, spec)
 
 
@@ -96,6 +116,20 @@ def attempt_dir(settings: Settings, job_id: str, attempt: int) -> Path:
     """Where an attempt writes its checkpoint and model. One folder per attempt: an attempt that lost its lease
     but has not noticed yet can only overwrite its own files, never those the current attempt resumes from."""
     return settings.artifact_dir / job_id / f"attempt-{attempt}"
+
+
+def clean_attempt(folder: Path, keep: list[str | None]) -> None:
+    """Delete the files a failed attempt wrote, but those the job points at (its last checkpoint, its model): the
+    next jobs need the space more than anyone needs a failed attempt's half-written files."""
+    kept = {Path(path) for path in keep if path}
+    for path in folder.iterdir() if folder.is_dir() else ():
+        if path not in kept and path.is_file():
+            path.unlink(missing_ok=True)
+    for empty in (folder, folder.parent):  # the attempt's folder, then the job's
+        try:
+            empty.rmdir()
+        except OSError:  # not empty, or gone
+            break
 
 
 def _resolve_inputs(job_id: str, spec: JobSpec, settings: Settings, db: Database) -> tuple[str | None, str | None]:
@@ -155,8 +189,11 @@ def outcome_of(result: Any, spec: JobSpec) -> Outcome:
     return outcome
 
 
-def failure(exc: BaseException, job_id: str) -> Outcome:
-    """A failed Outcome for an exception: a class and a one-line message, never a traceback."""
+def failure(exc: BaseException, job_id: str, folder: Path | None = None) -> Outcome:
+    """A failed Outcome for an exception: a class and a one-line message, never a traceback. `folder`: where the
+    attempt writes, named when it runs out of space."""
+    if is_disk_full(exc):
+        return _failed(FailureClass.disk_full, _disk_full_message(exc, folder))
     if isinstance(exc, SpecError):
         return _failed(FailureClass.invalid_spec, str(exc))
     if isinstance(exc, ValidationError):
@@ -166,6 +203,18 @@ def failure(exc: BaseException, job_id: str) -> Outcome:
         return _failed(FailureClass.out_of_memory, f"out of memory: {_first_line(exc)}")
     log.exception("job %s: internal error", job_id)  # the traceback goes to the worker's log only
     return _failed(FailureClass.internal, f"{type(exc).__name__}: {_first_line(exc)}")
+
+
+def _disk_full_message(exc: BaseException, folder: Path | None) -> str:
+    if isinstance(exc, DatabaseFull):
+        return str(exc)
+    if isinstance(exc, OperationalError):
+        return f"the database is full: {_first_line(exc)}"
+    written = getattr(exc, "filename", None)  # an OSError names its file; torch's and safetensors' writers do not
+    where = Path(written).parent if written else folder
+    if where is None:
+        return f"the disk is full: {_first_line(exc)}"
+    return f"the disk is full: no space left in {where} ({free_bytes(where) / 2**20:.1f} MiB free)"
 
 
 def _failed(failure_class: FailureClass, message: str) -> Outcome:
@@ -196,7 +245,8 @@ def _finish(claim: jobs.Claim, outcome: Outcome, db: Database) -> None:
 
 
 class Heartbeat:
-    """A thread that renews the attempt's lease every heartbeat_s and reports a cancel request or a lost lease."""
+    """A thread that renews the attempt's lease every heartbeat_s and reports a cancel request, a lost lease, or a
+    database with no space left."""
 
     def __init__(
         self,
@@ -206,9 +256,11 @@ class Heartbeat:
         *,
         on_cancel: Callable[[], None],
         on_lost: Callable[[], None],
+        on_full: Callable[[BaseException], None],
     ):
         self.claim, self.settings, self.db = claim, settings, db
-        self.on_cancel, self.on_lost = on_cancel, on_lost
+        self.on_cancel, self.on_lost, self.on_full = on_cancel, on_lost, on_full
+        self._warnings = Throttled(log)
         self._stop = threading.Event()
         self._thread = threading.Thread(target=self._run, name=f"heartbeat-{claim.job_id}", daemon=True)
 
@@ -227,8 +279,11 @@ class Heartbeat:
                 with self.db.session() as session:
                     beat = jobs.heartbeat(session=session, job_id=job_id, attempt=attempt, lease_s=lease_s)
             except Exception as exc:  # noqa: BLE001 - keep beating; if the lease runs out, the next beat says so
-                log.warning("job %s: heartbeat failed: %s", job_id, exc)
+                if is_disk_full(exc):
+                    self.on_full(exc)
+                self._warnings.warning("job %s: heartbeat failed: %s", job_id, exc)
                 continue
+            self._warnings.reset()
             if not beat.alive:
                 self.on_lost()
                 return

@@ -10,9 +10,9 @@ from fastapi import Path as PathParam
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import AUTHENTICATED, PageLimitDep, SessionDep, SettingsDep, TenantDep, WriteSessionDep
+from api.deps import AUTHENTICATED, FREE_DISK, PageLimitDep, SessionDep, SettingsDep, TenantDep, WriteSessionDep
 from api.errors import ApiError, problem
-from api.schemas import BAD_CURSOR, ERRORS, DatasetPublic, DatasetsPage, ErrorBody
+from api.schemas import BAD_CURSOR, ERRORS, STORAGE_FULL, DatasetPublic, DatasetsPage, ErrorBody
 from api.uploads import Upload, receive_upload
 from core import tenants
 from core.config import Settings
@@ -52,6 +52,7 @@ def upload_limit(max_upload_mb: int) -> int:
 @router.post(
     "",
     status_code=201,
+    dependencies=FREE_DISK,
     openapi_extra=UPLOAD_OPENAPI,
     responses={
         413: {
@@ -60,6 +61,7 @@ def upload_limit(max_upload_mb: int) -> int:
             "decoded (dataset_too_large)",
         },
         415: {"model": ErrorBody, "description": "not multipart/form-data"},
+        507: STORAGE_FULL,
     },
 )
 async def upload_dataset(

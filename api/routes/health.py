@@ -1,4 +1,4 @@
-"""Liveness, readiness (database and broker reachable) and the Prometheus exposition."""
+"""Liveness, readiness (database and broker reachable, disk not full) and the Prometheus exposition."""
 
 from __future__ import annotations
 
@@ -15,6 +15,7 @@ from api.deps import SettingsDep
 from api.errors import ApiError
 from api.schemas import ErrorBody, Health, Readiness
 from core.config import Settings
+from core.storage import least_free
 
 router = APIRouter(tags=["health"])
 PROBE_TIMEOUT_S = 1.0
@@ -26,16 +27,21 @@ def healthz() -> Health:
     return Health()
 
 
-@router.get("/readyz", responses={503: {"model": ErrorBody, "description": "a dependency is unreachable"}})
+@router.get(
+    "/readyz", responses={503: {"model": ErrorBody, "description": "a dependency is unreachable, or the disk is full"}}
+)
 def readyz(request: Request, settings: SettingsDep) -> Readiness:
-    """Readiness: the database answers and the broker is reachable; 503 naming what is not."""
+    """Readiness: the database answers, the broker is reachable and the disk has min_free_disk_mb free; 503 naming
+    what is not."""
     checks = {
         "database": _probe(lambda: _ping_database(request)),
         "broker": _probe(lambda: ping_broker(settings)),
+        "disk": _disk(settings),
     }
     failing = [name for name, result in checks.items() if result != "ok"]
     if failing:
-        raise ApiError(503, "not_ready", f"not ready: {', '.join(failing)} unreachable", checks)
+        problems = "; ".join(f"{name} {checks[name]}" for name in failing)
+        raise ApiError(503, "not_ready", f"not ready: {problems}", checks)
     return Readiness(checks=checks)
 
 
@@ -74,6 +80,16 @@ def ping_broker(settings: Settings) -> None:
 
         with Connection(url, connect_timeout=PROBE_TIMEOUT_S) as connection:
             connection.ensure_connection(max_retries=1)
+
+
+def _disk(settings: Settings) -> str:
+    least = least_free(settings.storage_folders())
+    if least.free_bytes >= settings.min_free_disk_mb * 2**20:
+        return "ok"
+    mib = least.free_bytes / 2**20
+    return (
+        f"full: {least.path} has {mib:.1f} MiB free ({least.free_bytes} bytes), below {settings.min_free_disk_mb} MiB"
+    )
 
 
 def _ping_database(request: Request) -> None:

@@ -10,6 +10,7 @@ from fastapi.responses import FileResponse
 
 from api.deps import (
     AUTHENTICATED,
+    FREE_DISK,
     JobDep,
     PageLimitDep,
     SendDep,
@@ -21,7 +22,16 @@ from api.deps import (
     require_json,
 )
 from api.errors import ApiError, problem
-from api.schemas import BAD_CURSOR, BAD_JSON_BODY, ERRORS, ErrorBody, JobPublic, JobsPage, TransitionPublic
+from api.schemas import (
+    BAD_CURSOR,
+    BAD_JSON_BODY,
+    ERRORS,
+    STORAGE_FULL,
+    ErrorBody,
+    JobPublic,
+    JobsPage,
+    TransitionPublic,
+)
 from core import jobs, notify
 from core.config import Settings
 from core.dispatch import dispatch
@@ -43,10 +53,11 @@ IdempotencyKey = Annotated[
 @router.post(
     "",
     status_code=201,
-    dependencies=[Depends(require_json)],
+    dependencies=[Depends(require_json), *FREE_DISK],
     responses={200: {"model": JobPublic, "description": "replayed: the job an earlier request with this key made"},
                **BAD_JSON_BODY,
-               429: {"model": ErrorBody, "description": "too many queued or running jobs; see Retry-After"}},
+               429: {"model": ErrorBody, "description": "too many queued or running jobs; see Retry-After"},
+               507: STORAGE_FULL},
 )  # fmt: skip
 def create_job(
     spec: SpecBody,

@@ -9,28 +9,31 @@ from sqlalchemy.orm import Session
 
 from api.deps import AUTHENTICATED, SessionDep, SettingsDep, SpecBody, TenantDep, require_json
 from api.errors import problem
-from api.schemas import BAD_JSON_BODY, ERRORS, SpecValidation
+from api.schemas import BAD_JSON_BODY, ERRORS, MemoryEstimatePublic, SpecValidation
 from core.datasets import get_dataset
 from core.spec import JobSpec, SpecError, builtin_info
-from core.submit import Caps, InvalidSpec, check_caps, check_references, parse_spec, queue_for
+from core.submit import Caps, InvalidSpec, check_caps, check_memory, check_references, parse_spec, queue_for
 
 router = APIRouter(prefix="/v1/specs", tags=["specs"], dependencies=AUTHENTICATED, responses=ERRORS)
 
 
 @router.post("/validate", dependencies=[Depends(require_json)], responses=BAD_JSON_BODY)
 def validate_spec(spec: SpecBody, session: SessionDep, tenant: TenantDep, settings: SettingsDep) -> SpecValidation:
-    """Validate and resolve a spec without submitting it: the resolved spec, its advice, and the parameter count
-    of the model built for the dataset's inputs; or 422 listing every problem."""
+    """Validate and resolve a spec without submitting it: the resolved spec, its advice, the parameter count of the
+    model built for the dataset's inputs and the memory the job is estimated to need; or 422 listing every problem."""
     from core.engine.advice import advise  # the engine imports torch: only when a spec is really checked
 
     job_spec = parse_spec(spec)
     check_caps(job_spec, Caps.from_settings(settings))
     check_references(session, tenant, job_spec)
     shape, n_classes = _inputs(session, tenant, job_spec)
+    parameter_count = _parameter_count(job_spec, shape, n_classes)
+    estimate = check_memory(session, tenant, job_spec, settings.max_job_memory_mb)
     return SpecValidation(
         spec=job_spec.model_dump(mode="json"),
         advice=[asdict(a) for a in advise(job_spec)],
-        parameter_count=_parameter_count(job_spec, shape, n_classes),
+        parameter_count=parameter_count,
+        memory=None if estimate is None else MemoryEstimatePublic(**estimate.parts()),
         input_shape=list(shape),
         n_classes=n_classes,
         queue=queue_for(job_spec),

@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import time
+from collections.abc import Callable
 
 import pytest
 from fastapi.testclient import TestClient
@@ -55,7 +56,8 @@ def test_dry_run_gives_the_same_advice_as_a_submission(client: TestClient):
     assert checked["advice"] == submitted["advice"] and checked["spec"] == submitted["spec"]
 
 
-def test_huge_models_are_counted_without_being_allocated(client: TestClient):
+def test_huge_models_are_counted_without_being_allocated(make_client: Callable[..., TestClient]):
+    client = make_client(max_job_memory_mb=10**9)  # an estimate over the limit would be refused
     started = time.monotonic()
     r = client.post("/v1/specs/validate", json=make_spec(model={"arch": "mlp", "layers": [65536] * 8}))
     assert r.status_code == 200 and r.json()["parameter_count"] > 30_000_000_000

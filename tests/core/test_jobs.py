@@ -332,6 +332,26 @@ def test_outbox_lists_jobs_until_dispatched_and_again_when_stale(session_factory
         assert [j.job_id for j in jobs.undispatched_jobs(s, redispatch_after_s=60, now=later)] == [job.job_id]
 
 
+def test_a_dead_process_attempt_is_failed_from_outside_only_while_it_holds_the_job(session_factory: Sessions) -> None:
+    job = submit(session_factory)
+    claimed = claim(session_factory, job.job_id, worker="host-a@node/123")
+    assert claimed is not None
+
+    def fail(held_by: str) -> bool:
+        with session_factory() as s:
+            oom = FailureClass.out_of_memory
+            return jobs.fail_held_attempt(
+                session=s, job_id=job.job_id, held_by=held_by, failure_class=oom, message="out of memory: killed"
+            )
+
+    assert not fail("host-b@node/")  # another worker's process died: not this attempt
+    assert fail("host-a@node/")
+    done = load(session_factory, job.job_id)
+    assert (done.status, done.failure_class, done.failure_message, done.attempt) == (
+        "failed", "out_of_memory", "out of memory: killed", 1)  # fmt: skip
+    assert reap(session_factory) == [] and not fail("host-a@node/")  # settled: never retried, never failed twice
+
+
 # ----------------------------------------------------------------------------------------- idempotency
 
 

@@ -219,14 +219,18 @@ def production(tmp_path: Path, monkeypatch: pytest.MonkeyPatch, _migrated_sqlite
 class Worker:
     """One `celery worker` process in a session of its own; `kill` ends its whole process group."""
 
-    def __init__(self, log_path: Path, queues: str = "cpu,gpu", env: dict[str, str] | None = None):
+    def __init__(
+        self, log_path: Path, queues: str = "cpu,gpu", env: dict[str, str] | None = None, cgroup: Path | None = None
+    ):
         self.log_path = log_path
         argv = [sys.executable, "-m", "celery", "-A", "worker.main", "worker", "-Q", queues,
                 "-n", f"test-{secrets.token_hex(4)}@%h", "--loglevel", "INFO",
                 "--without-mingle", "--without-gossip", "--without-heartbeat"]  # fmt: skip
+        # In a cgroup from its first instruction, so that its pool processes are too.
+        join = None if cgroup is None else lambda: (cgroup / "cgroup.procs").write_text(str(os.getpid()))
         with open(log_path, "wb") as log:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True,
-                                         env={**os.environ, **(env or {})})  # fmt: skip
+                                         env={**os.environ, **(env or {})}, preexec_fn=join)  # fmt: skip
 
     def kill(self) -> None:
         """SIGKILL the worker and its pool children at once, as a crash or the OOM killer would."""
@@ -249,8 +253,8 @@ class Worker:
 def start_worker(tmp_path: Path) -> Iterator[Callable[..., Worker]]:
     workers: list[Worker] = []
 
-    def start(**env: str) -> Worker:
-        workers.append(Worker(tmp_path / f"worker-{len(workers)}.log", env=env))
+    def start(cgroup: Path | None = None, **env: str) -> Worker:
+        workers.append(Worker(tmp_path / f"worker-{len(workers)}.log", env=env, cgroup=cgroup))
         return workers[-1]
 
     yield start

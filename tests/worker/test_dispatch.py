@@ -5,6 +5,7 @@ from __future__ import annotations
 
 import base64
 import json
+import logging
 import os
 import socket
 import threading
@@ -16,9 +17,10 @@ import pytest
 
 from core import jobs
 from core.config import Settings
+from core.db import Database
 from core.dispatch import dispatch
 from core.models import utcnow
-from tests.factories import Backend, make_spec
+from tests.factories import Backend, make_spec, wait_for
 from worker import celery_app, reaper
 from worker.celery_app import WorkerApp
 
@@ -138,3 +140,20 @@ def test_a_fork_waits_for_the_sweep_in_progress():
     os.waitpid(pid, 0)
     thread.join()
     assert waited >= 0.2
+
+
+def test_a_sweep_that_keeps_failing_is_logged_once(backend: Backend, caplog: pytest.LogCaptureFixture):
+    away = Database("postgresql+psycopg://nobody@127.0.0.1:1/none")  # refuses every connection
+    settings = backend.settings.model_copy(update={"reaper_interval_s": 0.01})
+    stop = threading.Event()
+    sweeping = threading.Thread(target=reaper.reaper_loop, args=(settings, away, lambda *_: None, stop))
+    with caplog.at_level(logging.WARNING, logger="worker.reaper"):
+        sweeping.start()
+        try:
+            wait_for(lambda: caplog.records, what="a failed sweep")
+            time.sleep(0.5)  # many more sweeps fail meanwhile
+        finally:
+            stop.set()
+            sweeping.join(timeout=10)
+    [logged] = caplog.records
+    assert "sweep failed: OperationalError" in logged.getMessage() and logged.exc_info is not None
