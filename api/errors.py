@@ -9,9 +9,10 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
 from core.jobs import IdempotencyConflict, IllegalTransition, InvalidCursor, JobNotFound
@@ -19,6 +20,7 @@ from core.spec import SpecError, spec_errors
 from core.submit import InvalidSpec, TooManyActiveJobs
 
 log = logging.getLogger(__name__)
+CLIENT_CLOSED_REQUEST = 499  # no client ever sees it; the latency metrics count such requests under it
 
 # The code of an error raised without one (Starlette's 404 for unknown paths, 405, the body limit's 413...).
 STATUS_CODES = {
@@ -27,6 +29,7 @@ STATUS_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
@@ -121,6 +124,12 @@ async def _submit_invalid(request: Request, exc: InvalidSpec) -> JSONResponse:
     return _invalid_spec(exc.errors)
 
 
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    # The client hung up before its body was whole: nothing is wrong with the service, and no one reads an answer.
+    log.info("%s %s: the client disconnected before sending the whole body", request.method, request.url.path)
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
     error_id = secrets.token_hex(8)
     log.error("internal error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
@@ -147,4 +156,5 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(IdempotencyConflict, _simple(422, "idempotency_key_reused"))
     app.add_exception_handler(JobNotFound, _simple(404, "not_found", lambda exc: f"no job {exc}"))
     app.add_exception_handler(InvalidCursor, _simple(400, "invalid_cursor"))
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _internal)

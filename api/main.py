@@ -2,6 +2,8 @@
 
 from __future__ import annotations
 
+import asyncio
+import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -16,10 +18,12 @@ from api.monitoring import LatencyMiddleware, Monitoring
 from api.routes import include_routers, upload_limits
 from api.streaming import StreamSlots
 from core.config import Settings
+from core.datasets import sweep_upload_temps
 from core.db import Database
 from core.dispatch import Send
 from core.spec import JobSpec
 
+log = logging.getLogger(__name__)
 DESCRIPTION = """Submit deep-learning training jobs as specs, follow their metrics live, download the trained model.
 
 Every request but /healthz, /readyz and /metrics carries an API key, `Authorization: Bearer tsk_...`, which names
@@ -46,7 +50,12 @@ def create_app(settings: Settings, *, send: Send) -> FastAPI:
     app.state.read_sessions = db.read_sessions
     app.state.stream_slots = StreamSlots(settings.sse_max_connections_per_tenant, settings.retry_after_s)
     app.state.monitoring = Monitoring(app.state.read_sessions)
-    app.add_middleware(BodyLimitMiddleware, default=settings.max_body_kb * 1024, per_path=upload_limits(settings))
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default=settings.max_body_kb * 1024,
+        per_path=upload_limits(settings),
+        timeout_s=settings.request_body_timeout_s,
+    )
     app.add_middleware(LatencyMiddleware, monitoring=app.state.monitoring)
     install_error_handlers(app)
     include_routers(app)
@@ -58,8 +67,30 @@ def create_app(settings: Settings, *, send: Send) -> FastAPI:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     await run_in_threadpool(settings.ensure_dirs)
-    yield
-    app.state.db.dispose()
+    await _sweep_upload_temps(settings)
+    sweeper = asyncio.create_task(_sweep_upload_temps_every(settings.upload_temp_max_age_s / 4, settings))
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        app.state.db.dispose()
+
+
+async def _sweep_upload_temps_every(interval_s: float, settings: Settings) -> None:
+    while True:
+        await asyncio.sleep(interval_s)
+        await _sweep_upload_temps(settings)
+
+
+async def _sweep_upload_temps(settings: Settings) -> None:
+    """Delete the temporary files of uploads whose API stopped mid-upload (they are in no listing and no quota)."""
+    try:
+        removed = await run_in_threadpool(sweep_upload_temps, settings.dataset_dir, settings.upload_temp_max_age_s)
+    except OSError as exc:
+        log.warning("cannot sweep stale uploads in %s: %s", settings.dataset_dir, exc)
+        return
+    for path in removed:
+        log.info("removed %s, left by an upload that never finished", path)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

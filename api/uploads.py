@@ -13,6 +13,7 @@ from python_multipart.multipart import MultipartParser, parse_options_header
 from starlette.requests import Request
 
 from api.errors import ApiError, problem
+from core.datasets import UPLOAD_TEMP_PREFIX
 
 MAX_FIELD_BYTES = 1024  # the text fields (name, label_column) are short
 MAX_PARTS = 8
@@ -118,7 +119,7 @@ class _Parts:
             details = [problem(self.file_field, message, "invalid_dataset")]
             raise ApiError(422, "invalid_dataset", f"{self.filename!r}: {message}", details)
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.folder, prefix=".upload-", suffix=suffix)
+        fd, name = tempfile.mkstemp(dir=self.folder, prefix=UPLOAD_TEMP_PREFIX, suffix=suffix)
         self._file, self.path, self._in_file = os.fdopen(fd, "wb"), Path(name), True
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
@@ -128,6 +129,7 @@ class _Parts:
                 mib = self.max_bytes / 2**20
                 raise ApiError(413, "payload_too_large", f"the file is larger than the limit of {mib:g} MiB")
             self._file.write(data[start:end])
+            self._file.flush()  # the file's mtime then tells the stale-upload sweep that this upload is alive
             return
         self._text += data[start:end]
         if len(self._text) > MAX_FIELD_BYTES:

@@ -1,7 +1,10 @@
-"""Uploaded datasets: store, find and list a tenant's dataset rows (the files live under settings.dataset_dir)."""
+"""Uploaded datasets: store, find and list a tenant's dataset rows (the files live under settings.dataset_dir), and
+sweep the temporary files that interrupted uploads left behind."""
 
 from __future__ import annotations
 
+import time
+from pathlib import Path
 from typing import Any
 
 from sqlalchemy import and_, or_, select
@@ -9,6 +12,8 @@ from sqlalchemy.orm import Session
 
 from core.jobs import decode_cursor, encode_cursor
 from core.models import Dataset
+
+UPLOAD_TEMP_PREFIX = ".upload-"  # an upload being received: `{dataset_dir}/{tenant}/.upload-*`
 
 
 def create_dataset(
@@ -39,6 +44,21 @@ def create_dataset(
         session.rollback()
         raise
     return dataset
+
+
+def sweep_upload_temps(dataset_dir: Path, max_age_s: float) -> list[Path]:
+    """Delete the temporary files of uploads untouched for `max_age_s` (their API stopped mid-upload); returns them.
+    Uploads still arriving write to their file at least every settings.request_body_timeout_s."""
+    cutoff = time.time() - max_age_s
+    removed = []
+    for path in dataset_dir.glob(f"*/{UPLOAD_TEMP_PREFIX}*"):
+        try:
+            if path.stat().st_mtime < cutoff:
+                path.unlink()
+                removed.append(path)
+        except FileNotFoundError:
+            pass  # finished or swept by another API process meanwhile
+    return removed
 
 
 def get_dataset(session: Session, tenant_id: str, dataset_id: str) -> Dataset | None:

@@ -85,7 +85,9 @@ async def stream_events(
         return Response(status_code=204)  # the SSE way to tell a client that reconnects after the end to stop
     give_back = request.app.state.stream_slots.take(tenant)
     stream = job_events(request.app.state.read_sessions, job.job_id, after=start, redis_url=settings.redis_url)
-    return JobEventResponse(stream, give_back=give_back, ping=settings.sse_ping_s)
+    return JobEventResponse(
+        stream, give_back=give_back, send_timeout_s=settings.write_timeout_s, ping=settings.sse_ping_s
+    )
 
 
 def _has_events(request: Request, job: Job, after: int) -> bool:
