@@ -15,6 +15,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
+from core.datasets import StorageQuotaExceeded
 from core.jobs import IdempotencyConflict, IllegalTransition, InvalidCursor, JobNotFound
 from core.spec import SpecError, spec_errors
 from core.submit import InvalidSpec, TooManyActiveJobs
@@ -156,5 +157,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(IdempotencyConflict, _simple(422, "idempotency_key_reused"))
     app.add_exception_handler(JobNotFound, _simple(404, "not_found", lambda exc: f"no job {exc}"))
     app.add_exception_handler(InvalidCursor, _simple(400, "invalid_cursor"))
+    app.add_exception_handler(StorageQuotaExceeded, _simple(413, "storage_quota_exceeded"))
     app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _internal)

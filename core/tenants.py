@@ -85,6 +85,14 @@ def authenticate(session: Session, key: str) -> str | None:
     return row.tenant_id
 
 
+def lock(session: Session, tenant_id: str) -> None:
+    """Hold the tenant's row until the transaction ends, so that concurrent checks of its quotas (count, then
+    insert) run one after another. PostgreSQL: SELECT ... FOR NO KEY UPDATE, which leaves the foreign-key checks
+    of other inserts alone; SQLite: its writers are serialised already (BEGIN IMMEDIATE), and SQLAlchemy leaves the
+    clause out."""
+    session.execute(select(Tenant.tenant_id).where(Tenant.tenant_id == tenant_id).with_for_update(key_share=True))
+
+
 def usage(session: Session, tenant_id: str) -> Usage:
     """The tenant's queued and running jobs, and its datasets with their total size."""
     active = select(func.count()).where(Job.tenant_id == tenant_id, Job.status.in_(JobStatus.active()))
