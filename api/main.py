@@ -15,6 +15,7 @@ from starlette.concurrency import run_in_threadpool
 from api.errors import install_error_handlers
 from api.limits import BodyLimitMiddleware
 from api.monitoring import LatencyMiddleware, Monitoring
+from api.reads import QuickReads
 from api.routes import include_routers, upload_limits
 from api.streaming import StreamSlots
 from core.config import Settings
@@ -48,6 +49,7 @@ def create_app(settings: Settings, *, send: Send) -> FastAPI:
     app.state.db = db
     app.state.sessions = db.sessions
     app.state.read_sessions = db.read_sessions
+    app.state.quick_reads = QuickReads(db, settings)
     app.state.stream_slots = StreamSlots(settings.sse_max_connections_per_tenant, settings.retry_after_s)
     app.state.monitoring = Monitoring(app.state.read_sessions)
     app.add_middleware(
@@ -73,6 +75,7 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
         yield
     finally:
         sweeper.cancel()
+        app.state.quick_reads.dispose()
         app.state.db.dispose()
 
 
