@@ -3,7 +3,6 @@
 from __future__ import annotations
 
 import asyncio
-import logging
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -18,13 +17,12 @@ from api.monitoring import LatencyMiddleware, Monitoring
 from api.reads import QuickReads
 from api.routes import include_routers, upload_limits
 from api.streaming import StreamSlots
+from api.uploads import keep_sweeping_stale_uploads, sweep_stale_uploads
 from core.config import Settings
-from core.datasets import sweep_upload_temps
 from core.db import Database
 from core.dispatch import Send
 from core.spec import JobSpec
 
-log = logging.getLogger(__name__)
 DESCRIPTION = """Submit deep-learning training jobs as specs, follow their metrics live, download the trained model.
 
 Every request but /healthz, /readyz and /metrics carries an API key, `Authorization: Bearer tsk_...`, which names
@@ -69,31 +67,14 @@ def create_app(settings: Settings, *, send: Send) -> FastAPI:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     await run_in_threadpool(settings.ensure_dirs)
-    await _sweep_upload_temps(settings)
-    sweeper = asyncio.create_task(_sweep_upload_temps_every(settings.upload_temp_max_age_s / 4, settings))
+    await sweep_stale_uploads(settings)
+    sweeper = asyncio.create_task(keep_sweeping_stale_uploads(settings))
     try:
         yield
     finally:
         sweeper.cancel()
         app.state.quick_reads.dispose()
         app.state.db.dispose()
-
-
-async def _sweep_upload_temps_every(interval_s: float, settings: Settings) -> None:
-    while True:
-        await asyncio.sleep(interval_s)
-        await _sweep_upload_temps(settings)
-
-
-async def _sweep_upload_temps(settings: Settings) -> None:
-    """Delete the temporary files of uploads whose API stopped mid-upload (they are in no listing and no quota)."""
-    try:
-        removed = await run_in_threadpool(sweep_upload_temps, settings.dataset_dir, settings.upload_temp_max_age_s)
-    except OSError as exc:
-        log.warning("cannot sweep stale uploads in %s: %s", settings.dataset_dir, exc)
-        return
-    for path in removed:
-        log.info("removed %s, left by an upload that never finished", path)
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

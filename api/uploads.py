@@ -1,7 +1,10 @@
-"""Streaming multipart upload: the file part goes straight to a temporary file, counted, and is cut off at the limit."""
+"""Streaming multipart upload: the file part goes straight to a temporary file, counted, and is cut off at the limit;
+the temporary files an API stopped mid-upload left behind are swept."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -10,11 +13,14 @@ from typing import IO
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from api.errors import ApiError, problem
-from core.datasets import UPLOAD_TEMP_PREFIX
+from core.config import Settings
+from core.datasets import UPLOAD_TEMP_PREFIX, sweep_upload_temps
 
+log = logging.getLogger(__name__)
 MAX_FIELD_BYTES = 1024  # the text fields (name, label_column) are short
 MAX_PARTS = 8
 
@@ -49,6 +55,24 @@ async def receive_upload(
         raise
     finally:
         parts.close()
+
+
+async def sweep_stale_uploads(settings: Settings) -> None:
+    """Delete the temporary files of uploads whose API stopped mid-upload (they are in no listing and no quota)."""
+    try:
+        removed = await run_in_threadpool(sweep_upload_temps, settings.dataset_dir, settings.upload_temp_max_age_s)
+    except OSError as exc:
+        log.warning("cannot sweep stale uploads in %s: %s", settings.dataset_dir, exc)
+        return
+    for path in removed:
+        log.info("removed %s, left by an upload that never finished", path)
+
+
+async def keep_sweeping_stale_uploads(settings: Settings) -> None:
+    """sweep_stale_uploads every quarter of settings.upload_temp_max_age_s, until cancelled."""
+    while True:
+        await asyncio.sleep(settings.upload_temp_max_age_s / 4)
+        await sweep_stale_uploads(settings)
 
 
 def _boundary(request: Request) -> bytes:
