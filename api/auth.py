@@ -8,6 +8,7 @@ from typing import Annotated
 
 from fastapi import Depends, Request
 from fastapi.security import HTTPAuthorizationCredentials, HTTPBearer
+from sqlalchemy.orm import Session, sessionmaker
 
 from api.errors import ApiError
 from core import tenants
@@ -30,15 +31,19 @@ def unauthorized(message: str, *, invalid: bool) -> ApiError:
     return ApiError(401, "unauthorized", message, headers={"WWW-Authenticate": challenge})
 
 
-def current_tenant(request: Request, credentials: Credentials) -> str:
+async def current_tenant(request: Request, credentials: Credentials) -> str:
     """The tenant of the request's API key; 401 when the key is missing, unknown or revoked."""
     if credentials is None:
         raise unauthorized("send an API key: Authorization: Bearer <key>", invalid=False)
-    with request.app.state.read_sessions() as session:
-        tenant_id = tenants.authenticate(session, credentials.credentials)
+    tenant_id = await request.app.state.quick_reads(_authenticate, credentials.credentials)
     if tenant_id is None:
         raise unauthorized("the API key is not valid (unknown or revoked)", invalid=True)
     return tenant_id
+
+
+def _authenticate(sessions: sessionmaker[Session], key: str) -> str | None:
+    with sessions() as session:
+        return tenants.authenticate(session, key)
 
 
 def metrics_access(request: Request, credentials: MetricsCredentials) -> None:

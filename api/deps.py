@@ -2,12 +2,13 @@
 
 from __future__ import annotations
 
-from collections.abc import Iterator
+from collections.abc import AsyncIterator
 from typing import Annotated, Any
 
 from fastapi import Body, Depends, Path, Query, Request
 from pydantic import WithJsonSchema
-from sqlalchemy.orm import Session
+from sqlalchemy.orm import Session, sessionmaker
+from starlette.concurrency import run_in_threadpool
 
 from api.auth import current_tenant
 from api.errors import ApiError, problem
@@ -25,16 +26,29 @@ def get_settings(request: Request) -> Settings:
 SettingsDep = Annotated[Settings, Depends(get_settings)]
 
 
-def read_session(request: Request) -> Iterator[Session]:
+async def read_session(request: Request) -> AsyncIterator[Session]:
     """A session for reads: on SQLite it never takes the write lock (BEGIN DEFERRED)."""
-    with request.app.state.read_sessions() as session:
+    async for session in _session(request.app.state.read_sessions):
         yield session
 
 
-def write_session(request: Request) -> Iterator[Session]:
+async def write_session(request: Request) -> AsyncIterator[Session]:
     """A session for core functions that change state (they commit themselves)."""
-    with request.app.state.sessions() as session:
+    async for session in _session(request.app.state.sessions):
         yield session
+
+
+async def _session(sessions: sessionmaker[Session]) -> AsyncIterator[Session]:
+    # Async, so that no trip to the threadpool is spent on opening a session (which does no I/O: the route's first
+    # query connects) nor on closing one that never connected.
+    session = sessions()
+    try:
+        yield session
+    finally:
+        if session.in_transaction():
+            await run_in_threadpool(session.close)  # a rollback and the connection back to the pool: I/O
+        else:
+            session.close()
 
 
 # scope="function": the session closes when the route returns, before a (streamed) answer is sent.
@@ -48,14 +62,20 @@ TenantDep = Annotated[str, Depends(current_tenant)]
 AUTHENTICATED = [Depends(current_tenant)]
 
 
-def caller_job(
-    job_id: Annotated[str, Path(description="job id, e.g. job_...")], session: SessionDep, tenant: TenantDep
+async def caller_job(
+    job_id: Annotated[str, Path(description="job id, e.g. job_...")], request: Request, tenant: TenantDep
 ) -> Job:
-    """The caller's job, or 404 (also for another tenant's job, so ids cannot be probed)."""
-    job = jobs.get_job(session, tenant, job_id)
+    """The caller's job, or 404 (also for another tenant's job, so ids cannot be probed). Read in a short session
+    of its own: a cheap request (GET /v1/jobs/{id}) reads nothing else."""
+    job = await request.app.state.quick_reads(_read_job, tenant, job_id)
     if job is None:
         raise jobs.JobNotFound(job_id)
     return job
+
+
+def _read_job(sessions: sessionmaker[Session], tenant: str, job_id: str) -> Job | None:
+    with sessions() as session:
+        return jobs.get_job(session, tenant, job_id)  # every column is loaded: readable once the session is closed
 
 
 JobDep = Annotated[Job, Depends(caller_job)]

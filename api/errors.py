@@ -9,18 +9,21 @@ from typing import Any
 
 from fastapi import FastAPI, Request
 from fastapi.exceptions import RequestValidationError
-from fastapi.responses import JSONResponse
+from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 from starlette.exceptions import HTTPException
+from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
+from core.datasets import StorageQuotaExceeded
 from core.jobs import IdempotencyConflict, IllegalTransition, InvalidCursor, JobNotFound
 from core.spec import SpecError, spec_errors
 from core.storage import StorageFull, is_disk_full
 from core.submit import InvalidSpec, TooManyActiveJobs
 
 log = logging.getLogger(__name__)
+CLIENT_CLOSED_REQUEST = 499  # no client ever sees it; the latency metrics count such requests under it
 
 # The code of an error raised without one (Starlette's 404 for unknown paths, 405, the body limit's 413...).
 STATUS_CODES = {
@@ -29,6 +32,7 @@ STATUS_CODES = {
     403: "forbidden",
     404: "not_found",
     405: "method_not_allowed",
+    408: "request_timeout",
     409: "conflict",
     413: "payload_too_large",
     415: "unsupported_media_type",
@@ -144,6 +148,12 @@ async def _disk_or_internal(request: Request, exc: Exception) -> JSONResponse:
     return await _api_error(request, storage_full(f"{what}; try again once space is freed", retry_after_s))
 
 
+async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
+    # The client hung up before its body was whole: nothing is wrong with the service, and no one reads an answer.
+    log.info("%s %s: the client disconnected before sending the whole body", request.method, request.url.path)
+    return Response(status_code=CLIENT_CLOSED_REQUEST)
+
+
 async def _internal(request: Request, exc: Exception) -> JSONResponse:
     error_id = secrets.token_hex(8)
     log.error("internal error %s on %s %s", error_id, request.method, request.url.path, exc_info=exc)
@@ -173,4 +183,6 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StorageFull, _storage_full)
     app.add_exception_handler(OSError, _disk_or_internal)
     app.add_exception_handler(OperationalError, _disk_or_internal)
+    app.add_exception_handler(StorageQuotaExceeded, _simple(413, "storage_quota_exceeded"))
+    app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _internal)

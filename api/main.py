@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import asyncio
 from collections.abc import AsyncIterator
 from contextlib import asynccontextmanager
 from typing import Any
@@ -14,8 +15,10 @@ from api.deps import refuse_nul
 from api.errors import install_error_handlers
 from api.limits import BodyLimitMiddleware
 from api.monitoring import LatencyMiddleware, Monitoring
+from api.reads import QuickReads
 from api.routes import include_routers, upload_limits
 from api.streaming import StreamSlots
+from api.uploads import keep_sweeping_stale_uploads, sweep_stale_uploads
 from core.config import Settings
 from core.db import Database
 from core.dispatch import Send
@@ -46,9 +49,15 @@ def create_app(settings: Settings, *, send: Send) -> FastAPI:
     app.state.db = db
     app.state.sessions = db.sessions
     app.state.read_sessions = db.read_sessions
+    app.state.quick_reads = QuickReads(db, settings)
     app.state.stream_slots = StreamSlots(settings.sse_max_connections_per_tenant, settings.retry_after_s)
     app.state.monitoring = Monitoring(app.state.read_sessions)
-    app.add_middleware(BodyLimitMiddleware, default=settings.max_body_kb * 1024, per_path=upload_limits(settings))
+    app.add_middleware(
+        BodyLimitMiddleware,
+        default=settings.max_body_kb * 1024,
+        per_path=upload_limits(settings),
+        timeout_s=settings.request_body_timeout_s,
+    )
     app.add_middleware(LatencyMiddleware, monitoring=app.state.monitoring)
     install_error_handlers(app)
     include_routers(app)
@@ -60,8 +69,14 @@ def create_app(settings: Settings, *, send: Send) -> FastAPI:
 async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     settings: Settings = app.state.settings
     await run_in_threadpool(settings.ensure_dirs)
-    yield
-    app.state.db.dispose()
+    await sweep_stale_uploads(settings)
+    sweeper = asyncio.create_task(keep_sweeping_stale_uploads(settings))
+    try:
+        yield
+    finally:
+        sweeper.cancel()
+        app.state.quick_reads.dispose()
+        app.state.db.dispose()
 
 
 def _openapi(app: FastAPI) -> dict[str, Any]:

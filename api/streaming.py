@@ -20,7 +20,6 @@ from core.notify import Waiter
 
 BATCH = 500  # events read per query; a long backlog is replayed in several reads
 WAKE_TIMEOUT_S = 5.0  # with Redis: look at the database anyway this often, in case a pub/sub message was lost
-SEND_TIMEOUT_S = 30.0  # a client that reads nothing for this long is dropped
 MAX_CURSOR_DIGITS = 18
 
 
@@ -61,10 +60,21 @@ class StreamSlots:
 
 
 class JobEventResponse(EventSourceResponse):
-    """An event stream that gives its slot back however it ends (even when its generator never started)."""
+    """An event stream that gives its slot back however it ends (even when its generator never started).
 
-    def __init__(self, content: AsyncIterator[ServerSentEvent], *, give_back: Callable[[], None], **kwargs: Any):
-        super().__init__(content, send_timeout=SEND_TIMEOUT_S, **kwargs)
+    A client that stops reading is dropped after settings.write_timeout_s: by the kernel (TCP_USER_TIMEOUT, see
+    api.server) once its receive window has stayed shut that long, or by `send_timeout` once our send buffers are
+    full too. The first comes much sooner: a receive window holds tens of KiB, our send buffers megabytes."""
+
+    def __init__(
+        self,
+        content: AsyncIterator[ServerSentEvent],
+        *,
+        give_back: Callable[[], None],
+        send_timeout_s: float,
+        **kwargs: Any,
+    ):
+        super().__init__(content, send_timeout=send_timeout_s, **kwargs)
         self.give_back = give_back
 
     async def __call__(self, scope: Scope, receive: Receive, send: Send) -> None:

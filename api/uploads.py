@@ -1,7 +1,10 @@
-"""Streaming multipart upload: the file part goes straight to a temporary file, counted, and is cut off at the limit."""
+"""Streaming multipart upload: the file part goes straight to a temporary file, counted, and is cut off at the limit;
+the temporary files an API stopped mid-upload left behind are swept."""
 
 from __future__ import annotations
 
+import asyncio
+import logging
 import os
 import tempfile
 from dataclasses import dataclass, field
@@ -10,10 +13,14 @@ from typing import IO
 
 from python_multipart.exceptions import FormParserError
 from python_multipart.multipart import MultipartParser, parse_options_header
+from starlette.concurrency import run_in_threadpool
 from starlette.requests import Request
 
 from api.errors import ApiError, problem
+from core.config import Settings
+from core.datasets import UPLOAD_TEMP_PREFIX, sweep_upload_temps
 
+log = logging.getLogger(__name__)
 MAX_FIELD_BYTES = 1024  # the text fields (name, label_column) are short
 MAX_PARTS = 8
 
@@ -48,6 +55,24 @@ async def receive_upload(
         raise
     finally:
         parts.close()
+
+
+async def sweep_stale_uploads(settings: Settings) -> None:
+    """Delete the temporary files of uploads whose API stopped mid-upload (they are in no listing and no quota)."""
+    try:
+        removed = await run_in_threadpool(sweep_upload_temps, settings.dataset_dir, settings.upload_temp_max_age_s)
+    except OSError as exc:
+        log.warning("cannot sweep stale uploads in %s: %s", settings.dataset_dir, exc)
+        return
+    for path in removed:
+        log.info("removed %s, left by an upload that never finished", path)
+
+
+async def keep_sweeping_stale_uploads(settings: Settings) -> None:
+    """sweep_stale_uploads every quarter of settings.upload_temp_max_age_s, until cancelled."""
+    while True:
+        await asyncio.sleep(settings.upload_temp_max_age_s / 4)
+        await sweep_stale_uploads(settings)
 
 
 def _boundary(request: Request) -> bytes:
@@ -118,7 +143,7 @@ class _Parts:
             details = [problem(self.file_field, message, "invalid_dataset")]
             raise ApiError(422, "invalid_dataset", f"{self.filename!r}: {message}", details)
         self.folder.mkdir(parents=True, exist_ok=True)
-        fd, name = tempfile.mkstemp(dir=self.folder, prefix=".upload-", suffix=suffix)
+        fd, name = tempfile.mkstemp(dir=self.folder, prefix=UPLOAD_TEMP_PREFIX, suffix=suffix)
         self._file, self.path, self._in_file = os.fdopen(fd, "wb"), Path(name), True
 
     def _part_data(self, data: bytes, start: int, end: int) -> None:
@@ -128,6 +153,7 @@ class _Parts:
                 mib = self.max_bytes / 2**20
                 raise ApiError(413, "payload_too_large", f"the file is larger than the limit of {mib:g} MiB")
             self._file.write(data[start:end])
+            self._file.flush()  # the file's mtime then tells the stale-upload sweep that this upload is alive
             return
         self._text += data[start:end]
         if len(self._text) > MAX_FIELD_BYTES:

@@ -6,6 +6,7 @@ from __future__ import annotations
 
 import argparse
 import contextlib
+import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
@@ -107,13 +108,20 @@ def serve(
 ) -> None:
     """Serve the API on host:port until a signal, publishing jobs through the worker's Celery app."""
     from api.main import create_app
+    from api.server import listening_socket
     from worker.celery_app import publisher
 
     app = create_app(settings, send=publisher(settings))
     config = uvicorn.Config(
         app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_shutdown_s
     )
-    _Server(config, before_exit).run()
+    try:
+        sock = listening_socket(host, port, write_timeout_s=settings.write_timeout_s)
+    except OSError as exc:
+        raise SystemExit(f"trickserve: cannot listen on {host}:{port}: {exc}") from None
+    # uvicorn says where it listens only when it made the socket itself.
+    logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", host, port)
+    _Server(config, before_exit).run(sockets=[sock])
 
 
 class _Server(uvicorn.Server):

@@ -62,7 +62,27 @@ class Settings(BaseSettings):
     default_page_size: int = Field(default=50, ge=1, description="items per page when the client asks for none")
     max_page_size: int = Field(default=1000, ge=1, le=100_000, description="most items one page may hold")
     max_active_jobs_per_tenant: int = Field(default=100, ge=1, description="queued + running jobs a tenant may have")
+    request_body_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="longest wait for the next part of a request body; a body that stops arriving is answered 408 "
+        "and its upload's temporary file removed (s)",
+    )
+    upload_temp_max_age_s: float = Field(
+        default=3600.0,
+        gt=0,
+        description="a dataset upload's temporary file untouched this long was left by an API that stopped "
+        "mid-upload, and is deleted; swept at start-up and every quarter of this (s)",
+    )
     sse_max_connections_per_tenant: int = Field(default=10, ge=1, description="open event streams per tenant")
+    write_timeout_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="a client that takes none of what the API sends it for this long is disconnected (s): an event "
+        "stream that is never read gives its slot back once the client's receive buffer is full and this has passed",
+    )
     sse_ping_s: float = Field(
         default=15.0, gt=0, le=300, description="keep-alive comment interval of event streams (s)"
     )
@@ -115,6 +135,16 @@ class Settings(BaseSettings):
     def _heartbeat_within_lease(self) -> Settings:
         if self.heartbeat_s * 2 > self.lease_s:
             raise ValueError("heartbeat_s must be at most half of lease_s, or a slow beat loses the lease")
+        return self
+
+    @model_validator(mode="after")
+    def _live_uploads_are_never_stale(self) -> Settings:
+        # An upload in progress writes to its file at least every request_body_timeout_s, or is cut off.
+        if self.upload_temp_max_age_s <= self.request_body_timeout_s:
+            raise ValueError(
+                "upload_temp_max_age_s must be longer than request_body_timeout_s, or the sweep "
+                "deletes uploads still arriving"
+            )
         return self
 
     @property

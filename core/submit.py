@@ -12,7 +12,7 @@ from pydantic import ValidationError
 from sqlalchemy import event, func, select
 from sqlalchemy.orm import Session
 
-from core import jobs
+from core import jobs, tenants
 from core.config import Settings
 from core.models import Dataset, Job, JobStatus
 from core.spec import JobSpec, SpecError, builtin_info, spec_errors
@@ -87,6 +87,9 @@ def submit(
     (same key, different request); the same key and request returns the first job."""
     spec = parse_spec(spec_dict)
     check_caps(spec, caps)
+    from core.engine.advice import advise  # the engine imports torch: only when a job is really submitted
+
+    advice = [asdict(a) for a in advise(spec)]  # before the transaction: nothing is locked meanwhile
     try:
         check_references(session, tenant_id, spec)
         check_memory(session, tenant_id, spec, caps.max_job_memory_mb)
@@ -95,9 +98,6 @@ def submit(
     except SubmitError:
         session.rollback()  # end the read transaction now: on SQLite it holds the write lock
         raise
-    from core.engine.advice import advise  # the engine imports torch: only when a job is really submitted
-
-    advice = [asdict(a) for a in advise(spec)]
     with _inserted_jobs(session) as inserted:
         job = jobs.create_job(
             session=session,
@@ -213,6 +213,10 @@ def queue_for(spec: JobSpec) -> str:
 
 
 def _check_active_limit(session: Session, tenant_id: str, idempotency_key: str | None, limit: int) -> None:
+    """Raise TooManyActiveJobs when the tenant has `limit` active jobs. The tenant stays locked until the job is
+    inserted and committed (core.jobs.create_job continues this transaction), so concurrent submissions cannot all
+    count the same jobs."""
+    tenants.lock(session, tenant_id)
     if idempotency_key is not None:
         replay = select(Job.job_id).where(Job.tenant_id == tenant_id, Job.idempotency_key == idempotency_key)
         if session.scalar(replay) is not None:

@@ -10,7 +10,7 @@ import re
 import secrets
 from dataclasses import dataclass
 
-from sqlalchemy import func, select, update
+from sqlalchemy import bindparam, func, select, update
 from sqlalchemy.orm import Session
 
 from core.db import committing, insert_ignoring_duplicates
@@ -71,18 +71,30 @@ def list_api_keys(session: Session, tenant_id: str | None = None) -> list[ApiKey
     return list(session.scalars(query))
 
 
+# Built once: every request runs it, and building a statement costs more than running it on an indexed column.
+_LIVE_KEY = select(ApiKey.key_hash, ApiKey.tenant_id).where(
+    ApiKey.key_hash == bindparam("digest"), ApiKey.revoked_at.is_(None)
+)
+
+
 def authenticate(session: Session, key: str) -> str | None:
     """The tenant of a live key, or None (unknown, malformed or revoked)."""
     if not key.startswith(KEY_PREFIX) or len(key) > 200:
         return None
     digest = hash_key(key)
-    row = session.execute(
-        select(ApiKey.key_hash, ApiKey.tenant_id).where(ApiKey.key_hash == digest, ApiKey.revoked_at.is_(None))
-    ).first()
+    row = session.execute(_LIVE_KEY, {"digest": digest}).first()
     # The lookup is by hash, so its timing says nothing about the key; the comparison is constant-time anyway.
     if row is None or not secrets.compare_digest(row.key_hash, digest):
         return None
     return row.tenant_id
+
+
+def lock(session: Session, tenant_id: str) -> None:
+    """Hold the tenant's row until the transaction ends, so that concurrent checks of its quotas (count, then
+    insert) run one after another. PostgreSQL: SELECT ... FOR NO KEY UPDATE, which leaves the foreign-key checks
+    of other inserts alone; SQLite: its writers are serialised already (BEGIN IMMEDIATE), and SQLAlchemy leaves the
+    clause out."""
+    session.execute(select(Tenant.tenant_id).where(Tenant.tenant_id == tenant_id).with_for_update(key_share=True))
 
 
 def usage(session: Session, tenant_id: str) -> Usage:

@@ -14,9 +14,8 @@ from api.deps import AUTHENTICATED, FREE_DISK, PageLimitDep, SessionDep, Setting
 from api.errors import ApiError, problem
 from api.schemas import BAD_CURSOR, ERRORS, STORAGE_FULL, DatasetPublic, DatasetsPage, ErrorBody
 from api.uploads import Upload, receive_upload
-from core import tenants
 from core.config import Settings
-from core.datasets import create_dataset, get_dataset, list_datasets
+from core.datasets import check_storage, create_dataset, get_dataset, list_datasets
 from core.models import Dataset, new_id
 from core.spec import SpecError
 
@@ -104,9 +103,14 @@ def read_dataset(
 
 
 def _store(upload: Upload, session: Session, tenant_id: str, settings: Settings) -> Dataset:
-    """Validate the received file against the tenant's quota and the caps, give it its final name, record it."""
+    """Validate the received file against the tenant's quota and the caps, give it its final name, record it (the
+    quota is checked again as the row is inserted: uploads received side by side were all within it here)."""
     _check_text(upload)
-    _check_storage(session, tenant_id, upload.size_bytes, settings.max_dataset_storage_mb)
+    max_storage_bytes = settings.max_dataset_storage_mb * 2**20
+    try:
+        check_storage(session, tenant_id, upload.size_bytes, max_storage_bytes)  # before the file is read
+    finally:
+        session.rollback()  # end the read now: on SQLite the write session's transaction holds the write lock
     label_column = (upload.fields.get("label_column") or "label").strip()
     description = _describe(upload, label_column, settings.max_dataset_memory_mb * 2**20)
     _check_examples(description["n_examples"], settings.max_dataset_examples)
@@ -122,15 +126,8 @@ def _store(upload: Upload, session: Session, tenant_id: str, settings: Settings)
         path=f"{tenant_id}/{upload.path.name}",  # under settings.dataset_dir, wherever a volume is mounted
         size_bytes=upload.size_bytes,
         description={**description, "label_column": label_column if upload.path.suffix == ".csv" else None},
+        max_storage_bytes=max_storage_bytes,
     )
-
-
-def _check_storage(session: Session, tenant_id: str, size_bytes: int, max_mb: int) -> None:
-    used = tenants.usage(session, tenant_id).dataset_bytes
-    session.rollback()  # end the read now: on SQLite the write session's transaction holds the write lock
-    if used + size_bytes > max_mb * 2**20:
-        message = f"the tenant's datasets may hold at most {max_mb} MiB; {used / 2**20:.1f} MiB are stored"
-        raise ApiError(413, "storage_quota_exceeded", message)
 
 
 def _check_examples(n_examples: int, limit: int) -> None:

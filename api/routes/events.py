@@ -6,15 +6,16 @@ import re
 from typing import Annotated
 
 from fastapi import APIRouter, Header, Query, Request, Response
+from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import AUTHENTICATED, JobDep, PageLimitDep, SessionDep, SettingsDep, TenantDep
+from api.deps import AUTHENTICATED, JobDep, PageLimitDep, SettingsDep, TenantDep
 from api.errors import ApiError, problem
 from api.schemas import ERRORS, ErrorBody, MetricsPage, metric_points
 from api.streaming import CURSOR_PATTERN, JobEventResponse, event_cursor, job_events
 from core import jobs
 from core.engine.events import METRIC_KINDS
-from core.models import Job
+from core.models import Job, JobEvent
 
 router = APIRouter(prefix="/v1/jobs", tags=["events"], dependencies=AUTHENTICATED, responses=ERRORS)
 
@@ -32,9 +33,9 @@ After = Annotated[
 
 
 @router.get("/{job_id}/metrics", responses=INVALID_CURSOR)
-def read_metrics(
+async def read_metrics(  # async: one trip to the threadpool (the read), where a sync route makes three
     job: JobDep,
-    session: SessionDep,
+    request: Request,
     limit: PageLimitDep,
     after: After = None,
     names: Annotated[
@@ -45,8 +46,8 @@ def read_metrics(
     """Per-epoch metric points (from epoch_end and test events), oldest first: one per (name, step). `limit`
     counts events (each gives one point per metric); page with next_cursor, poll later from last_cursor."""
     start, wanted = event_cursor(after), _names(names)
-    events = jobs.list_events(
-        session, job.job_id, after=start, kinds=METRIC_KINDS, names=sorted(wanted) if wanted else None, limit=limit + 1
+    events = await run_in_threadpool(
+        _metric_events, request.app.state.read_sessions, job.job_id, start, sorted(wanted) if wanted else None, limit
     )
     page = events[:limit]
     items = [point for event in page for point in metric_points(event, wanted)]
@@ -85,7 +86,17 @@ async def stream_events(
         return Response(status_code=204)  # the SSE way to tell a client that reconnects after the end to stop
     give_back = request.app.state.stream_slots.take(tenant)
     stream = job_events(request.app.state.read_sessions, job.job_id, after=start, redis_url=settings.redis_url)
-    return JobEventResponse(stream, give_back=give_back, ping=settings.sse_ping_s)
+    return JobEventResponse(
+        stream, give_back=give_back, send_timeout_s=settings.write_timeout_s, ping=settings.sse_ping_s
+    )
+
+
+def _metric_events(
+    sessions: sessionmaker[Session], job_id: str, after: int, names: list[str] | None, limit: int
+) -> list[JobEvent]:
+    """Up to `limit` + 1 metric events: one more tells whether another page follows."""
+    with sessions() as session:
+        return jobs.list_events(session, job_id, after=after, kinds=METRIC_KINDS, names=names, limit=limit + 1)
 
 
 def _has_events(request: Request, job: Job, after: int) -> bool:

@@ -105,7 +105,7 @@ def list_jobs(
 
 
 @router.get("/{job_id}")
-def read_job(job: JobDep) -> JobPublic:
+async def read_job(job: JobDep) -> JobPublic:  # async: nothing to wait for, so no trip to the threadpool
     """Status, attempt, timings, best and final metrics, stop reason, failure, advice and the resolved spec."""
     return JobPublic.from_job(job)
 

@@ -21,6 +21,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from api.main import create_app
+from api.server import listening_socket
 from core.config import Settings
 from core.db import create_db_engine, init_db, make_sessionmaker
 from tests.factories import auth_headers
@@ -120,11 +121,11 @@ class Served:
 
 @contextmanager
 def serve(app: FastAPI) -> Iterator[str]:
-    """Run `app` on a real uvicorn server on a free port in a background thread; yields its base URL."""
-    sock = socket.socket()
+    """Run `app` on a real uvicorn server on a free port in a background thread, on a socket made as
+    `trickserve api` makes it; yields its base URL."""
+    sock = listening_socket("127.0.0.1", 0, write_timeout_s=app.state.settings.write_timeout_s)
     # Accepted connections inherit it; without it each small answer waits ~40 ms (Nagle meets delayed ACKs).
     sock.setsockopt(socket.IPPROTO_TCP, socket.TCP_NODELAY, 1)
-    sock.bind(("127.0.0.1", 0))
     config = uvicorn.Config(app, log_level="warning", timeout_graceful_shutdown=2)
     server = uvicorn.Server(config)
     thread = threading.Thread(target=server.run, kwargs={"sockets": [sock]}, daemon=True)
