@@ -38,6 +38,10 @@ class Settings(BaseSettings):
     dataset_dir: Path = Field(
         default_factory=lambda f: f["home"] / "datasets", description="uploaded datasets; default {home}/datasets"
     )
+    cache_dir: Path = Field(
+        default_factory=lambda f: f["home"] / "cache",
+        description="built-in datasets, made once and kept as arrays for every later job; default {home}/cache",
+    )
 
     lease_s: float = Field(default=30.0, gt=0, le=3600, description="a running job's lease, renewed by heartbeat (s)")
     heartbeat_s: float = Field(default=5.0, gt=0, le=600, description="interval between worker heartbeats (s)")

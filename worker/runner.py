@@ -100,6 +100,7 @@ def _attempt(claim: jobs.Claim, settings: Settings, db: Database, reporter: DBRe
             out_dir=folder,
             data_path=data_path,
             transfer_from=transfer_from,
+            cache_dir=settings.cache_dir,
         )
     except Fenced:
         raise

@@ -16,6 +16,7 @@ import numpy as np
 import torch
 from torch import Tensor
 
+from core.engine.datacache import cached, package_version
 from core.engine.files import KINDS, Raw, read_file
 from core.spec import AugmentSpec, DataSpec, SpecError, SyntheticSpec
 
@@ -40,9 +41,12 @@ class DataBundle:
     classes: list[str]
 
 
-def load_data(spec: DataSpec, device: torch.device | str = "cpu", path: str | None = None) -> DataBundle:
-    """Load, split, filter and normalize a dataset; `path`, when given, is the file to read (e.g. an upload)."""
-    raw = _read(spec, path)
+def load_data(
+    spec: DataSpec, device: torch.device | str = "cpu", path: str | None = None, cache_dir: Path | None = None
+) -> DataBundle:
+    """Load, split, filter and normalize a dataset; `path`, when given, is the file to read (e.g. an upload), and
+    `cache_dir` where built-in datasets are kept once made (none: made every time)."""
+    raw = _read(spec, path, cache_dir)
     kind = KINDS[raw.x.ndim]
     check_augment(spec.augment, kind)
     raw = _keep_classes(raw, spec.classes)
@@ -83,19 +87,25 @@ def check_augment(augment: AugmentSpec, kind: str) -> None:
 # ------------------------------------------------------------------------------------------- sources
 
 
-def _read(spec: DataSpec, path: str | None) -> Raw:
+def _read(spec: DataSpec, path: str | None, cache_dir: Path | None = None) -> Raw:
     if path is None and spec.dataset in LOADERS:
-        return LOADERS[spec.dataset](spec)
+        return LOADERS[spec.dataset](spec, cache_dir)
     if path is None and not spec.dataset.endswith((".npz", ".csv", ".zip")):
         raise SpecError("data.dataset", f"{spec.dataset} must be resolved to a file by the service")
     return read_file(Path(path or spec.dataset), spec.label_column)
 
 
-def _digits() -> Raw:
+def _digits(cache_dir: Path | None = None) -> Raw:
+    # Cached: importing scikit-learn alone costs a second or more in every fresh job process.
+    arrays = cached(cache_dir, f"digits-scikit-learn-{package_version('scikit-learn')}", _digits_arrays)
+    return _numbered(10, arrays["x"], arrays["y"])
+
+
+def _digits_arrays() -> dict[str, np.ndarray]:
     from sklearn.datasets import load_digits
 
     x, y = load_digits(return_X_y=True)
-    return _numbered(10, x.reshape(-1, 1, 8, 8).astype(np.float32), y.astype(np.int64))
+    return {"x": x.reshape(-1, 1, 8, 8).astype(np.float32), "y": y.astype(np.int64)}
 
 
 def _numbered(k: int, x: np.ndarray, y: np.ndarray, test: tuple[np.ndarray, np.ndarray] | None = None) -> Raw:
@@ -103,8 +113,11 @@ def _numbered(k: int, x: np.ndarray, y: np.ndarray, test: tuple[np.ndarray, np.n
     return Raw(x, y, [str(i) for i in range(k)], list(range(k)), test)
 
 
-def _mnist1d() -> Raw:
-    x, y, x_test, y_test = _mnist1d_arrays()  # copies below: the cached arrays are shared
+def _mnist1d(cache_dir: Path | None = None) -> Raw:
+    # Generating the dataset takes seconds: once per machine with a cache folder, else once per process.
+    key = f"mnist1d-{package_version('mnist1d')}-default"
+    stored = cached(cache_dir, key, lambda: dict(zip(SPLITS, _mnist1d_arrays(), strict=True)))
+    x, y, x_test, y_test = (stored[name] for name in SPLITS)  # copies below: the in-process arrays are shared
     return _numbered(10, x[:, None].copy(), y.copy(), (x_test[:, None].copy(), y_test.copy()))
 
 
@@ -138,10 +151,11 @@ def _synthetic(s: SyntheticSpec) -> Raw:
 
 
 # One loader for each entry of core.spec.BUILTINS, which describes what it returns.
-LOADERS: dict[str, Callable[[DataSpec], Raw]] = {
-    "builtin:digits": lambda spec: _digits(),
-    "builtin:mnist1d": lambda spec: _mnist1d(),
-    "builtin:synthetic": lambda spec: _synthetic(spec.synthetic),
+# Synthetic data is made from the spec in milliseconds, so it is never cached.
+LOADERS: dict[str, Callable[[DataSpec, Path | None], Raw]] = {
+    "builtin:digits": lambda spec, cache_dir: _digits(cache_dir),
+    "builtin:mnist1d": lambda spec, cache_dir: _mnist1d(cache_dir),
+    "builtin:synthetic": lambda spec, cache_dir: _synthetic(spec.synthetic),
 }
 
 

@@ -84,9 +84,11 @@ def train(
     out_dir: str | Path | None = None,
     data_path: str | None = None,
     transfer_from: str | None = None,
+    cache_dir: str | Path | None = None,
 ) -> RunResult:
-    """Train a model as the spec says; checkpoints and the model file go to `out_dir` when given."""
-    run = _setup(spec, callbacks, device, out_dir, data_path, transfer_from)
+    """Train a model as the spec says; checkpoints and the model file go to `out_dir` when given, and built-in
+    datasets are kept in `cache_dir` once made."""
+    run = _setup(spec, callbacks, device, out_dir, data_path, transfer_from, cache_dir)
     ctx, cbs = run.ctx, run.callbacks
     cbs.on_train_begin(ctx)
     progress = _resume(run, resume_from) if resume_from else None
@@ -110,10 +112,10 @@ def train(
     return _finish(run)
 
 
-def _setup(spec, callbacks, device, out_dir, data_path, transfer_from) -> Run:
+def _setup(spec, callbacks, device, out_dir, data_path, transfer_from, cache_dir) -> Run:
     dev = resolve_device(device if device is not None else spec.resources.device)
     torch.manual_seed(spec.train.seed)  # initialization and dropout draw from the global generator
-    data = load_data(spec.data, dev, path=data_path)
+    data = load_data(spec.data, dev, path=data_path, cache_dir=Path(cache_dir) if cache_dir else None)
     model = build_model(spec.model, data.input_shape, data.n_classes)
     info: dict[str, Any] = {"init": initialize(model, spec.model), "device": str(dev)}
     if spec.transfer is not None:

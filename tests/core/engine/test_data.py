@@ -149,7 +149,7 @@ def test_every_builtin_dataset_has_a_loader_and_every_loader_a_table_entry():
     ids=lambda spec: f"{spec.dataset}:{spec.synthetic.shape}",
 )
 def test_builtin_table_describes_what_the_loader_returns(spec: DataSpec):
-    info, raw = builtin_info(spec), data.LOADERS[spec.dataset](spec)
+    info, raw = builtin_info(spec), data.LOADERS[spec.dataset](spec, None)
     assert info is not None
     assert (raw.x.shape[1:], files.KINDS[raw.x.ndim]) == (info.input_shape, info.kind)
     assert list(np.unique(raw.y)) == raw.values == list(range(info.n_classes))
