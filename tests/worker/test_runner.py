@@ -194,3 +194,12 @@ def test_failures_get_a_class_and_a_one_line_message():
     internal = runner.failure(KeyError("x" * 2000), "job_x")
     assert internal.failure_class == "internal" and internal.failure_message.startswith("KeyError: 'xxx")
     assert len(internal.failure_message) <= runner.MAX_MESSAGE
+
+
+def test_a_job_on_a_built_in_dataset_leaves_it_in_the_cache_for_the_next(backend):
+    spec = make_spec(data={"dataset": "builtin:digits"}, train={"epochs": 1})
+    assert run(backend.submit(spec).job_id, backend) == "succeeded"
+    [entry] = backend.settings.cache_dir.glob("digits-*.npz")
+    made_at = entry.stat().st_mtime_ns
+    assert run(backend.submit(spec).job_id, backend) == "succeeded"
+    assert entry.stat().st_mtime_ns == made_at  # read back, not made again
