@@ -1,5 +1,6 @@
-"""The only code that changes job state: create, dispatch, claim, heartbeat, record events, checkpoint, finish,
-cancel and reap; plus the read helpers the API and the worker share. Every write function commits."""
+"""The only code that changes job state: create, dispatch, claim, heartbeat, record events (and their metric
+points), checkpoint, finish, cancel and reap; plus the read helpers the API and the worker share. Every write
+function commits."""
 
 from __future__ import annotations
 
@@ -20,7 +21,8 @@ from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
 from core.db import committing, insert_ignoring_duplicates
-from core.engine.events import ONE_PER_STEP_KINDS, EventKind
+from core.engine.events import METRIC_KINDS, ONE_PER_STEP_KINDS, EventKind
+from core.metrics import points_of
 from core.models import (
     TERMINAL,
     Artifact,
@@ -30,6 +32,7 @@ from core.models import (
     JobEvent,
     JobStatus,
     JobTransition,
+    MetricPoint,
     new_id,
     utcnow,
 )
@@ -209,7 +212,8 @@ def heartbeat(*, session: Session, job_id: str, attempt: int, lease_s: float) ->
 
 def record_events(*, session: Session, job_id: str, attempt: int, events: Sequence[Any]) -> bool:
     """Store a batch of engine events (core.engine.callbacks.Event or dicts with the same keys) of the attempt
-    that holds the job; False, storing nothing, when that attempt was fenced out. Replayed metrics are ignored."""
+    that holds the job, and the metric points of its epoch_end and test events; False, storing nothing, when that
+    attempt was fenced out. Replayed metrics are ignored."""
     with committing(session):
         if _fenced(session, job_id, attempt) is None:
             return False
@@ -217,7 +221,7 @@ def record_events(*, session: Session, job_id: str, attempt: int, events: Sequen
         if rows and attempt > 1:
             _supersede_replayed(session, job_id, attempt, rows)
         if rows:
-            session.execute(insert_ignoring_duplicates(session, JobEvent), rows)
+            _insert_events(session, rows)
     return True
 
 
@@ -509,6 +513,28 @@ def _delete_older_events(
         .where(JobEvent.job_id == job_id, JobEvent.attempt < attempt, JobEvent.step > after_step, kinds)
         .execution_options(synchronize_session=False)
     )
+    # Their metric points go with them: every point comes from an event of a kind both callers delete.
+    session.execute(
+        delete(MetricPoint)
+        .where(MetricPoint.job_id == job_id, MetricPoint.attempt < attempt, MetricPoint.step > after_step)
+        .execution_options(synchronize_session=False)
+    )
+
+
+def _insert_events(session: Session, rows: list[dict[str, Any]]) -> None:
+    """The events, and the metric points of those stored now: a replayed batch's events are ignored (one per
+    attempt, kind and step; the first of the batch wins), and so are their points."""
+    insert = insert_ignoring_duplicates(session, JobEvent)
+    stored = session.execute(insert.returning(JobEvent.job_event_id, JobEvent.kind, JobEvent.step), rows)
+    ids = {(kind, step): event_id for event_id, kind, step in stored if kind in METRIC_KINDS}
+    points = [
+        point
+        for row in rows
+        if (event_id := ids.pop((row["kind"], row["step"]), None)) is not None
+        for point in points_of(row, event_id)
+    ]
+    if points:
+        session.execute(insert_ignoring_duplicates(session, MetricPoint), points)
 
 
 def _event_row(job_id: str, attempt: int, event: Any) -> dict[str, Any]:

@@ -13,6 +13,7 @@ from sqlalchemy import (
     BigInteger,
     DateTime,
     Dialect,
+    Double,
     Enum,
     ForeignKey,
     Index,
@@ -235,6 +236,28 @@ Index(
     sqlite_where=_one_per_step,
     postgresql_where=_one_per_step,
 )
+
+
+class MetricPoint(Base):
+    """One metric's value at one step of a job: a copy of a number of an epoch_end or test event, kept for reads.
+    One series of one job after a cursor is one range of ix_metric_point_series. Written with its event and deleted
+    with it (core.jobs); NaN is stored as NULL, infinities as themselves."""
+
+    __tablename__ = "metric_point"
+    __table_args__ = (
+        Index("ix_metric_point_series", "job_id", "name", "job_event_id"),
+        Index("ix_metric_point_job_cursor", "job_id", "job_event_id"),  # every name of a job, by cursor
+    )
+
+    job_id: Mapped[str] = mapped_column(ForeignKey("job.job_id", ondelete="CASCADE"), primary_key=True)
+    name: Mapped[str] = mapped_column(String(200), primary_key=True)
+    step: Mapped[int] = mapped_column(primary_key=True, autoincrement=False)
+    value: Mapped[float | None] = mapped_column(Double)
+    epoch: Mapped[int]
+    attempt: Mapped[int]
+    job_event_id: Mapped[int] = mapped_column(EventId)  # the cursor: the event the point comes from
+    position: Mapped[int]  # the name's place among the event's keys: points of one event are served in this order
+    created_at: Mapped[datetime]  # the event's
 
 
 class JobTransition(Base):

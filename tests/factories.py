@@ -22,6 +22,7 @@ from sqlalchemy.orm import Session, sessionmaker
 from core import jobs, tenants
 from core.config import Settings
 from core.db import Database
+from core.engine.events import METRIC_KINDS, is_metric_name, is_metric_value
 from core.models import Job, JobEvent
 from core.spec import JobSpec
 from core.submit import Caps, submit
@@ -107,6 +108,19 @@ def epoch_event(epoch: int, steps_per_epoch: int = 10, **data: Any) -> dict[str,
 def record(sessions: Sessions, job_id: str, attempt: int, events: list[dict[str, Any]]) -> None:
     with sessions() as s:
         assert jobs.record_events(session=s, job_id=job_id, attempt=attempt, events=events)
+
+
+def expected_points(sessions: Sessions, job_id: str) -> list[tuple[int, int, int, str, float | None]]:
+    """What the metric store must hold of a job, worked out from its stored events: (cursor, step, epoch, name,
+    value) of every number of its epoch_end and test events, NaN as None, in cursor order, then the event's."""
+    with sessions() as s:
+        events = jobs.list_events(s, job_id, kinds=METRIC_KINDS, limit=100_000)
+    return [
+        (event.job_event_id, event.step, event.epoch, name, None if value == "NaN" else float(value))
+        for event in events
+        for name, value in event.data.items()
+        if is_metric_name(name) and is_metric_value(value)
+    ]
 
 
 def finish(sessions: Sessions, job_id: str, attempt: int, status: str = "succeeded", **kwargs: Any) -> None:

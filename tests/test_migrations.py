@@ -11,8 +11,10 @@ from alembic import command
 from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
-from core.db import alembic_config, create_db_engine, init_db
-from core.models import Base, FailureClass, Job, Tenant, utcnow
+from core import metrics
+from core.db import alembic_config, create_db_engine, init_db, make_sessionmaker
+from core.models import Base, FailureClass, Job, JobEvent, Tenant, utcnow
+from tests.factories import expected_points
 
 ROOT = Path(__file__).resolve().parent.parent
 
@@ -77,3 +79,35 @@ def test_migrated_schema_stores_every_value_of_the_models_enums(db_url: str) -> 
         stored = set(conn.scalars(sa.select(Job.failure_class)))
     engine.dispose()
     assert stored == set(FailureClass)
+
+
+def test_0003_fills_metric_point_from_the_stored_events(empty_db_url: str) -> None:
+    command.upgrade(alembic_config(empty_db_url), "0002")
+    engine = create_db_engine(empty_db_url)
+    epoch = {"train/loss": 0.5, "val/loss": "NaN", "val/acc": "Infinity", "lr": 1, "early_stopping/wait": 2,
+             "flag": False, "note": "text"}  # fmt: skip
+    with engine.begin() as conn:
+        conn.execute(sa.insert(Tenant).values(tenant_id="t", name="t", created_at=utcnow()))
+        for job_id in ("job_a", "job_b"):
+            conn.execute(sa.insert(Job).values(job_id=job_id, tenant_id="t", name="n", spec={}, status="running"))
+            events = [("progress", 5, {"train/loss": 0.9}), ("epoch_end", 10, epoch), ("warning", 10, {"x": 1.0}),
+                      *(("epoch_end", 10 * e, {"val/loss": 1 / e}) for e in range(2, 1500)),
+                      ("test", 15000, {"test/acc": 0.75})]  # fmt: skip
+            conn.execute(sa.insert(JobEvent), [
+                {"job_id": job_id, "attempt": 1, "kind": kind, "step": step, "epoch": step // 10, "data": data,
+                 "created_at": utcnow()} for kind, step, data in events
+            ])  # fmt: skip
+
+    init_db(empty_db_url)
+    sessions = make_sessionmaker(engine)
+    for job_id in ("job_a", "job_b"):
+        with sessions() as s:
+            points = [tuple(row[:5]) for row in metrics.read_page(s, job_id, limit=10_000).points]
+        assert points == expected_points(sessions, job_id)
+        assert len(points) == 4 + 1498 + 1  # the first epoch's four numbers, one per later epoch, the test's
+        first = [("train/loss", 0.5), ("val/loss", None), ("val/acc", float("inf")), ("lr", 1.0)]
+        assert points[:4] == [(points[0][0], 10, 1, name, value) for name, value in first]
+
+    command.downgrade(alembic_config(empty_db_url), "0002")
+    assert "metric_point" not in table_names(empty_db_url)
+    engine.dispose()

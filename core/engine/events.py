@@ -3,6 +3,7 @@
 from __future__ import annotations
 
 import enum
+from typing import Any
 
 
 class EventKind(enum.StrEnum):
@@ -41,3 +42,15 @@ STATE_PREFIXES = ("early_stopping/",)
 def is_metric_name(key: str) -> bool:
     """Whether a key of a metric event's data names a metric (`val/loss`) rather than a callback's state."""
     return not key.startswith(STATE_PREFIXES)
+
+
+# How a metric event's data spells the numbers JSON cannot hold (core.jobs writes them so).
+NOT_FINITE = ("NaN", "Infinity", "-Infinity")
+
+
+def is_metric_value(value: Any) -> bool:
+    """Whether a value of a metric event's data is a metric point: a number (not a bool), or a spelled NaN or
+    infinity."""
+    if isinstance(value, bool):
+        return False
+    return isinstance(value, int | float) or value in NOT_FINITE
