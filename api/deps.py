@@ -62,9 +62,10 @@ TenantDep = Annotated[str, Depends(current_tenant)]
 AUTHENTICATED = [Depends(current_tenant)]
 
 
-async def caller_job(
-    job_id: Annotated[str, Path(description="job id, e.g. job_...")], request: Request, tenant: TenantDep
-) -> Job:
+JobIdPath = Annotated[str, Path(description="job id, e.g. job_...")]
+
+
+async def caller_job(job_id: JobIdPath, request: Request, tenant: TenantDep) -> Job:
     """The caller's job, or 404 (also for another tenant's job, so ids cannot be probed). Read in a short session
     of its own: a cheap request (GET /v1/jobs/{id}) reads nothing else."""
     job = await request.app.state.quick_reads(_read_job, tenant, job_id)

@@ -7,8 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.engine.events import is_metric_name
-from core.models import Dataset, FailureClass, Job, JobEvent, JobStatus, JobTransition
+from core.models import Dataset, FailureClass, Job, JobStatus, JobTransition
 
 
 class Public(BaseModel):
@@ -163,21 +162,21 @@ class MetricsPage(Public):
     last_cursor: int = Field(description="poll later with after=last_cursor (the last event read, or `after`)")
 
 
-def metric_points(event: JobEvent, names: set[str] | None) -> list[MetricPoint]:
-    """One point per numeric value of an epoch_end or test event, restricted to `names` when given."""
-    return [
-        MetricPoint(
-            cursor=event.job_event_id, step=event.step, epoch=event.epoch, name=name, value=value, at=event.created_at
-        )
-        for name, value in event.data.items()
-        if (names is None or name in names) and is_metric_name(name) and _is_metric(value)
-    ]
+class SeriesColumns(Public):
+    """One metric's points as columns, oldest first: the i-th point is step[i], epoch[i], value[i], cursor[i]."""
+
+    step: list[int] = Field(description="optimizer steps taken when each point was measured")
+    epoch: list[int]
+    value: list[float | Literal["NaN", "Infinity", "-Infinity"]]
+    cursor: list[int] = Field(description="id of the event each point comes from")
+    total: int = Field(description="points stored after the cursor: more than the columns hold when downsampled")
 
 
-def _is_metric(value: Any) -> bool:
-    if isinstance(value, bool):
-        return False
-    return isinstance(value, int | float) or value in ("NaN", "Infinity", "-Infinity")
+class MetricSeries(Public):
+    series: dict[str, SeriesColumns] = Field(
+        description="by metric name: those asked for, in that order (empty columns for a name with no points), or all"
+    )
+    last_cursor: int = Field(description="poll later with after=last_cursor (the last point read, or `after`)")
 
 
 # ------------------------------------------------------------------------------------------ datasets

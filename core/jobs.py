@@ -10,13 +10,12 @@ import functools
 import hashlib
 import json
 import math
-import re
 from collections.abc import Callable, Iterable, Mapping, Sequence
 from dataclasses import dataclass
 from datetime import UTC, datetime, timedelta
 from typing import Any
 
-from sqlalchemy import ColumnElement, and_, bindparam, delete, func, or_, select, update
+from sqlalchemy import ColumnElement, and_, bindparam, delete, or_, select, update
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
@@ -48,7 +47,6 @@ TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.cancelling: frozenset(map(JobStatus, ["cancelled", "failed", "succeeded", "early_stopped"])),
     **{status: frozenset() for status in TERMINAL},
 }
-_METRIC_NAME = re.compile(r"^[\w./-]{1,200}$")
 
 
 class JobError(Exception):
@@ -375,6 +373,15 @@ def get_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
     return session.scalar(_TENANT_JOB, {"job_id": job_id, "tenant_id": tenant_id})
 
 
+_TENANT_JOB_ID = select(Job.job_id).where(Job.job_id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+
+
+def check_job(session: Session, tenant_id: str, job_id: str) -> None:
+    """Raise JobNotFound unless the job is the tenant's; reads its id only, for reads that need nothing else of it."""
+    if session.scalar(_TENANT_JOB_ID, {"job_id": job_id, "tenant_id": tenant_id}) is None:
+        raise JobNotFound(job_id)
+
+
 def list_jobs(
     session: Session,
     tenant_id: str,
@@ -405,21 +412,13 @@ def list_jobs(
 
 
 def list_events(
-    session: Session,
-    job_id: str,
-    *,
-    after: int = 0,
-    kinds: Sequence[str] | None = None,
-    names: Sequence[str] | None = None,
-    limit: int = 1000,
+    session: Session, job_id: str, *, after: int = 0, kinds: Sequence[str] | None = None, limit: int = 1000
 ) -> list[JobEvent]:
-    """The job's events with job_event_id > `after`, oldest first; `names` keeps events whose data holds any of
-    those keys (`val/loss`). The caller has checked that the job is the tenant's."""
+    """The job's events with job_event_id > `after`, oldest first. The caller has checked that the job is the
+    tenant's. (Metric points are read from core.metrics.)"""
     query = select(JobEvent).where(JobEvent.job_id == job_id, JobEvent.job_event_id > after)
     if kinds:
         query = query.where(JobEvent.kind.in_(kinds))
-    if names:
-        query = query.where(or_(*(_data_has_key(session, name) for name in names)))
     return list(session.scalars(query.order_by(JobEvent.job_event_id).limit(limit)))
 
 
@@ -570,14 +569,6 @@ def _put_artifact(session: Session, job: Job, kind: ArtifactKind, path: str, siz
         session.add(Artifact(job_id=job.job_id, attempt=job.attempt, kind=kind, path=path, size_bytes=size_bytes))
     else:
         artifact.attempt, artifact.size_bytes, artifact.created_at = job.attempt, size_bytes, utcnow()
-
-
-def _data_has_key(session: Session, name: str) -> ColumnElement[bool]:
-    if not _METRIC_NAME.match(name):
-        raise ValueError(f"not a metric name: {name!r}")
-    if session.get_bind().dialect.name == "sqlite":
-        return func.json_type(JobEvent.data, f'$."{name}"').is_not(None)
-    return JobEvent.data[name].is_not(None)  # json `->`: SQL NULL only when the key is absent
 
 
 def _request_hash(spec_json: dict[str, Any], queue: str) -> str:

@@ -4,10 +4,10 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from api.routes import datasets, events, health, jobs, quotas, specs
+from api.routes import datasets, events, health, jobs, metrics, quotas, specs
 from core.config import Settings
 
-ROUTERS = (health.router, jobs.router, events.router, specs.router, datasets.router, quotas.router)
+ROUTERS = (health.router, jobs.router, metrics.router, events.router, specs.router, datasets.router, quotas.router)
 
 
 def include_routers(app: FastAPI) -> None:
