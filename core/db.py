@@ -30,7 +30,8 @@ def create_db_engine(url: str | URL, *, sqlite_busy_timeout_s: float = 30.0, **k
     if url.get_backend_name() == "sqlite":
         return _sqlite_engine(url, busy_timeout_s=sqlite_busy_timeout_s, **kwargs)
     # A process frozen (or killed without its socket closing) inside a transaction would hold its row locks forever.
-    connect_args = {"options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS}"}
+    # Timestamps come back in UTC whatever the server's zone, so a read that skips UTCDateTime (core.metrics) gets it.
+    connect_args = {"options": f"-c idle_in_transaction_session_timeout={IDLE_IN_TRANSACTION_MS} -c TimeZone=UTC"}
     connect_args.update(kwargs.pop("connect_args", {}))
     return create_engine(url, pool_pre_ping=True, connect_args=connect_args, **kwargs)
 

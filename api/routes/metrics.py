@@ -126,7 +126,8 @@ def _spelled(value: float | None) -> float | str:
 
 
 def _json(body: dict[str, Any]) -> bytes:
-    return orjson.dumps(body, option=orjson.OPT_UTC_Z)  # timestamps as pydantic writes them: ...Z
+    # Timestamps as pydantic writes them (...Z); core.metrics reads them in UTC, naive on SQLite.
+    return orjson.dumps(body, option=orjson.OPT_UTC_Z | orjson.OPT_NAIVE_UTC)
 
 
 def _names(value: str) -> list[str]:

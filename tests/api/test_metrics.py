@@ -73,6 +73,13 @@ def test_points_come_from_epoch_end_and_test_events_only(client: TestClient, job
     assert page["next_cursor"] is None and page["last_cursor"] == points[-1]["cursor"]
 
 
+def test_points_carry_the_time_of_their_event(client: TestClient, job_id: str, sessions: sessionmaker[Session]):
+    with sessions() as s:
+        at = {e.job_event_id: e.created_at for e in jobs.list_events(s, job_id, kinds=["epoch_end", "test"])}
+    for point in client.get(f"/v1/jobs/{job_id}/metrics").json()["items"]:
+        assert point["at"] == at[point["cursor"]].isoformat().replace("+00:00", "Z")
+
+
 def test_a_replayed_batch_adds_no_points(client: TestClient, job_id: str, sessions: sessionmaker[Session]):
     before = client.get(f"/v1/jobs/{job_id}/metrics").json()["items"]
     record(sessions, job_id, 1, [epoch_event(EPOCHS), TEST_EVENT])  # a flush retried after its commit got lost

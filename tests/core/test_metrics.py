@@ -13,6 +13,7 @@ import pytest
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import jobs, metrics, tenants
+from core.db import create_db_engine, init_db, make_sessionmaker
 from core.models import utcnow
 from tests.factories import claim, epoch_event, expected_points, make_job_spec, record
 
@@ -106,6 +107,24 @@ def test_a_resume_keeps_one_point_per_name_and_step_the_newest_attempts(session_
     assert [by_step[10 * e][1] for e in range(4, 11)] == [100.0 + e for e in range(4, 11)]
     assert all(by_step[40][0] > cursor for cursor in before.values())  # the replayed step has the new cursor
     assert by_step[30][0] == before[(30, "val/loss")]
+
+
+def test_times_are_read_in_utc_whatever_the_servers_zone(empty_db_url: str) -> None:
+    init_db(empty_db_url)
+    engine = create_db_engine(empty_db_url)
+    if engine.dialect.name == "postgresql":
+        with engine.begin() as conn:
+            conn.exec_driver_sql(f"ALTER DATABASE {engine.url.database} SET TimeZone = 'Asia/Tokyo'")
+        engine.dispose()  # new connections take the database's zone, unless told otherwise
+    sessions = make_sessionmaker(engine)
+    job_id = submit(sessions)
+    record(sessions, job_id, claim(sessions, job_id), [epoch_event(1)])
+    with sessions() as s:
+        [event] = jobs.list_events(s, job_id, kinds=["epoch_end"])
+    at = page(sessions, job_id, names=["val/loss"]).points[0].at
+    assert at.utcoffset() in (None, timedelta(0))  # naive (SQLite) is UTC too
+    assert at.replace(tzinfo=event.created_at.tzinfo) == event.created_at
+    engine.dispose()
 
 
 def test_a_fenced_out_attempt_stores_no_points(session_factory: Sessions) -> None:
