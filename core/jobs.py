@@ -373,7 +373,8 @@ def get_job(session: Session, tenant_id: str, job_id: str) -> Job | None:
     return session.scalar(_TENANT_JOB, {"job_id": job_id, "tenant_id": tenant_id})
 
 
-_TENANT_JOB_ID = select(Job.job_id).where(Job.job_id == bindparam("job_id"), Job.tenant_id == bindparam("tenant_id"))
+_job = Job.__table__.c  # a Core statement: no ORM work on each execution
+_TENANT_JOB_ID = select(_job.job_id).where(_job.job_id == bindparam("job_id"), _job.tenant_id == bindparam("tenant_id"))
 
 
 def check_job(session: Session, tenant_id: str, job_id: str) -> None:
