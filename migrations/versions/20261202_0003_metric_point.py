@@ -52,7 +52,8 @@ def upgrade() -> None:
         ),
         sa.PrimaryKeyConstraint("job_id", "name", "step", name=op.f("pk_metric_point")),
     )
-    op.create_index("ix_metric_point_series", "metric_point", ["job_id", "name", "job_event_id"])
+    series = ["job_id", "name", "job_event_id", "step", "epoch", "value", "created_at", "position"]
+    op.create_index("ix_metric_point_series", "metric_point", series)  # covering
     op.create_index("ix_metric_point_job_cursor", "metric_point", ["job_id", "job_event_id"])
     insert = (postgresql.insert if op.get_bind().dialect.name == "postgresql" else sqlite.insert)(points)
     for batch in _metric_events():
