@@ -191,7 +191,7 @@ def test_redis_wakes_streams_without_waiting_for_a_poll(make_server: Callable[..
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
     except redis.RedisError:
         pytest.skip(f"Redis unreachable at {REDIS_URL}")
-    from api.streaming import WAKE_TIMEOUT_S
+    from api.hub import WAKE_TIMEOUT_S
 
     with make_server(redis_url=REDIS_URL).client(timeout=READ_TIMEOUT_S + WAKE_TIMEOUT_S) as http:
         job_id = submit(http)
