@@ -8,13 +8,14 @@ cursor and that position (see api.streaming.job_events)."""
 from __future__ import annotations
 
 import asyncio
+import bisect
 import json
 import logging
 from collections.abc import Callable
 from dataclasses import dataclass, field
 from typing import Any
 
-from sqlalchemy import func, select
+from sqlalchemy import select
 from sqlalchemy.orm import Session, sessionmaker
 from sse_starlette import ServerSentEvent
 from starlette.concurrency import run_in_threadpool
@@ -26,6 +27,7 @@ from core.notify import Waiter
 log = logging.getLogger(__name__)
 BATCH = 500  # events read per query; a long backlog is read in several
 WAKE_TIMEOUT_S = 5.0  # with Redis: look at the database anyway this often, in case a pub/sub message was lost
+RECENT = 1000  # events a feed keeps in memory for viewers that join or resume
 RETRY_S = 1.0  # after a failed read (database away or busy), the feed tries again this much later
 
 
@@ -36,12 +38,14 @@ class Batch:
     ids: list[int]
     frames: list[bytes]
     data: bytes  # the frames joined
+    attempt: int = 0  # the latest attempt among the events
     end: bool = False  # the `end` frame (which has no id): nothing follows
 
     @classmethod
     def of(cls, events: list[JobEvent]) -> Batch:
         frames = [encode(event) for event in events]
-        return cls([event.job_event_id for event in events], frames, b"".join(frames))
+        attempt = max(event.attempt for event in events)
+        return cls([event.job_event_id for event in events], frames, b"".join(frames), attempt)
 
     def after(self, cursor: int) -> bytes:
         """The frames of the events after `cursor` (a viewer may have replayed some of them already)."""
@@ -56,6 +60,7 @@ class Subscriber:
 
     queue: asyncio.Queue[Batch]
     joined_at: int = 0  # the last event id the feed had handed out when this viewer joined
+    backlog: bytes | None = None  # its gap up to joined_at, from the feed's memory; None: read from the database
     dropped: bool = False  # fell a whole queue behind: its stream ends, and its client resumes from its last id
 
 
@@ -66,6 +71,12 @@ class JobFeed:
     job_id: str
     subscribers: set[Subscriber] = field(default_factory=set)
     position: int = 0  # id of the last event handed out
+    # The latest events, encoded: every event with recent_from < id <= position, as the database holds them. A
+    # viewer whose cursor is in this window replays from here, not from the database.
+    recent_from: int = 0
+    recent_ids: list[int] = field(default_factory=list)
+    recent_frames: list[bytes] = field(default_factory=list)
+    attempt: int = 0  # of the latest event
     end: Batch | None = None  # once the job is over: nothing follows it
     ready: asyncio.Event = field(default_factory=asyncio.Event)
     error: BaseException | None = None  # why it could not start
@@ -75,9 +86,27 @@ class JobFeed:
         if batch.end:
             self.end = batch
         else:
-            self.position = batch.ids[-1]
+            self.remember(batch)
         for subscriber in list(self.subscribers):
             self._put(subscriber, batch)
+
+    def remember(self, batch: Batch) -> None:
+        """Keep the batch among the recent events and move the position to its last one."""
+        if batch.attempt > self.attempt:  # a new attempt supersedes events of earlier ones in the database
+            self.recent_from, self.recent_ids, self.recent_frames = self.position, [], []
+        self.attempt = max(self.attempt, batch.attempt)
+        self.recent_ids += batch.ids
+        self.recent_frames += batch.frames
+        if len(self.recent_ids) > RECENT:
+            self.recent_from = self.recent_ids[-RECENT - 1]
+            del self.recent_ids[:-RECENT], self.recent_frames[:-RECENT]
+        self.position = batch.ids[-1]
+
+    def since(self, cursor: int) -> bytes | None:
+        """The frames of the events after `cursor`, from memory; None when the window no longer reaches back there."""
+        if cursor < self.recent_from:
+            return None
+        return b"".join(self.recent_frames[bisect.bisect_right(self.recent_ids, cursor) :])
 
     def _put(self, subscriber: Subscriber, batch: Batch) -> None:
         try:
@@ -94,9 +123,9 @@ class EventHub:
         self.sessions, self.redis_url, self.queue_events = sessions, redis_url, queue_events
         self.feeds: dict[str, JobFeed] = {}
 
-    async def subscribe(self, job_id: str) -> Subscriber:
-        """Join the job's feed (starting it if this is its first viewer); raises what kept the feed from starting
-        (the database away or its pool exhausted)."""
+    async def subscribe(self, job_id: str, after: int) -> Subscriber:
+        """Join the job's feed (starting it if this is its first viewer) as a viewer that has seen the events up to
+        `after`; raises what kept the feed from starting (the database away or its pool exhausted)."""
         feed = self.feeds.get(job_id)
         if feed is None:
             feed = self.feeds[job_id] = JobFeed(job_id)
@@ -110,7 +139,7 @@ class EventHub:
             raise
         if feed.error is not None:
             raise feed.error
-        subscriber = Subscriber(asyncio.Queue(self.queue_events), joined_at=feed.position)
+        subscriber = Subscriber(asyncio.Queue(self.queue_events), feed.position, feed.since(after))
         if feed.end is not None:
             subscriber.queue.put_nowait(feed.end)
         else:
@@ -138,7 +167,12 @@ class EventHub:
         try:
             await waiter.wait(0)  # subscribed before the first read, so that no wake-up falls between the two
             try:
-                feed.position = await self._read(_tail, feed.job_id)
+                recent, before = await self._read(_recent, feed.job_id)
+                if recent:
+                    batch = Batch.of(recent)
+                    feed.attempt = batch.attempt  # the database holds no superseded event
+                    feed.remember(batch)
+                feed.recent_from = before
             except Exception as exc:  # noqa: BLE001 - the viewer that started the feed answers it (503)
                 feed.error = exc
                 return
@@ -174,11 +208,13 @@ class EventHub:
             del self.feeds[feed.job_id]
 
 
-def _tail(sessions: sessionmaker[Session], job_id: str) -> int:
-    """The id of the job's last event so far (0 when it has none)."""
+def _recent(sessions: sessionmaker[Session], job_id: str) -> tuple[list[JobEvent], int]:
+    """The job's last RECENT events, oldest first, and the id before the first of them (0: they are all)."""
     with sessions() as session:
-        query = select(func.max(JobEvent.job_event_id)).where(JobEvent.job_id == job_id)
-        return int(session.scalar(query) or 0)
+        query = select(JobEvent).where(JobEvent.job_id == job_id).order_by(JobEvent.job_event_id.desc())
+        events = list(session.scalars(query.limit(RECENT + 1)))
+    before = events.pop().job_event_id if len(events) > RECENT else 0
+    return events[::-1], before
 
 
 def _next(sessions: sessionmaker[Session], job_id: str, after: int) -> tuple[list[JobEvent], str | None]:

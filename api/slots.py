@@ -24,19 +24,21 @@ BUSY_RETRY_AFTER_S = 5  # Retry-After when this process holds as many streams as
 # KEYS[1]: the tenant's set; ARGV: limit, member, ttl. Drops expired slots, then takes one if fewer than `limit`
 # are held. The time is Redis's own, so that the clocks of the API machines do not matter.
 _TAKE = """
-local now = tonumber(redis.call('TIME')[1])
+local time = redis.call('TIME')
+local now = tonumber(time[1]) + tonumber(time[2]) / 1e6
 redis.call('ZREMRANGEBYSCORE', KEYS[1], '-inf', now)
 if redis.call('ZCARD', KEYS[1]) >= tonumber(ARGV[1]) then return 0 end
 redis.call('ZADD', KEYS[1], now + tonumber(ARGV[3]), ARGV[2])
-redis.call('EXPIRE', KEYS[1], tonumber(ARGV[3]))
+redis.call('EXPIRE', KEYS[1], math.ceil(tonumber(ARGV[3])))
 return 1
 """
 # KEYS: the tenants' sets; ARGV: ttl, then one member per key. Pushes the expiry of this process's slots on.
 _RENEW = """
-local until = tonumber(redis.call('TIME')[1]) + tonumber(ARGV[1])
+local time = redis.call('TIME')
+local expires = tonumber(time[1]) + tonumber(time[2]) / 1e6 + tonumber(ARGV[1])
 for i, key in ipairs(KEYS) do
-  redis.call('ZADD', key, 'XX', until, ARGV[i + 1])
-  redis.call('EXPIRE', key, tonumber(ARGV[1]))
+  redis.call('ZADD', key, 'XX', expires, ARGV[i + 1])
+  redis.call('EXPIRE', key, math.ceil(tonumber(ARGV[1])))
 end
 return 0
 """

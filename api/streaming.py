@@ -65,6 +65,10 @@ async def job_events(
     status. The viewer has joined the job's feed already: it replays its gap up to where it joined from the
     database, then takes the feed's frames, skipping those it has replayed."""
     try:
+        if subscriber.backlog is not None:
+            if subscriber.backlog:
+                yield subscriber.backlog
+            after = max(after, subscriber.joined_at)
         while after < subscriber.joined_at:
             events = await run_in_threadpool(replay, sessions, job_id, after, subscriber.joined_at)
             if not events:

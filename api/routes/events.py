@@ -89,7 +89,9 @@ async def stream_events(
     hub: EventHub = request.app.state.hub
     give_back = await request.app.state.stream_slots.take(tenant)
     try:
-        subscriber = await hub.subscribe(job.job_id)  # 503 here, before the stream begins, if the database is busy
+        subscriber = await hub.subscribe(
+            job.job_id, start
+        )  # 503 here, before the stream begins, if the database is busy
     except BaseException:
         await give_back()
         raise
