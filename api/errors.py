@@ -140,8 +140,15 @@ async def _storage_full(request: Request, exc: StorageFull) -> JSONResponse:
     return await _api_error(request, storage_full(message, request.app.state.settings.retry_after_s))
 
 
+# What the databases say when they are out of connections or locks for now, rather than broken.
+BUSY_DATABASE = ("database is locked", "database table is locked", "too many clients", "connection slots are reserved")
+
+
 async def _disk_or_internal(request: Request, exc: Exception) -> JSONResponse:
-    """A write that failed for lack of space (a file, SQLite, PostgreSQL) is a 507; any other such error a 500."""
+    """A write that failed for lack of space (a file, SQLite, PostgreSQL) is a 507; a database out of connections
+    or locks a 503; any other such error a 500."""
+    if isinstance(exc, OperationalError) and any(busy in str(exc) for busy in BUSY_DATABASE):
+        return await _database_busy(request, exc)
     if not is_disk_full(exc):
         return await _internal(request, exc)
     what = "the database is full" if isinstance(exc, OperationalError) else "the disk is full"
@@ -164,11 +171,12 @@ class _OncePerMinute:
             self.count, self.last = 0, now
 
 
-_pool_exhausted = _OncePerMinute("database pool exhausted: requests answered 503; see TRICKSERVE_DB_POOL_SIZE")
+_pool_exhausted = _OncePerMinute("database busy (pool exhausted, or locked): requests answered 503 with Retry-After")
 
 
-async def _database_busy(request: Request, exc: PoolTimeout) -> JSONResponse:
-    # Every connection of the pool stayed busy for db_pool_timeout_s: load beyond what the pool serves, not a bug.
+async def _database_busy(request: Request, exc: Exception) -> JSONResponse:
+    # Every connection of the pool stayed busy for db_pool_timeout_s, or the database had no connection or lock to
+    # spare in time: load beyond what it serves, not a bug.
     _pool_exhausted()
     message = "the server has no free database connection; try again shortly"
     return await _api_error(request, ApiError(503, "database_busy", message, headers={"Retry-After": "1"}))

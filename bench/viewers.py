@@ -13,7 +13,8 @@ and Redis pub/sub) it starts a real API process (`trickserve api`) and, per scen
   - the API's resident memory is sampled throughout; the peak is reported.
 Checkouts take turns within each scenario, so that both see the same load from the rest of the machine.
 
-    python bench/viewers.py [--repo /path/to/old --repo .] [--modes embedded,pg] [--viewers 10,100,1000] [--runs 3]
+    python bench/viewers.py [--repo /path/to/old[:/its/venv/bin/python] --repo .] [--modes embedded,pg]
+                            [--viewers 10,100,1000] [--runs 3]
 """
 
 from __future__ import annotations
@@ -86,8 +87,27 @@ class Viewer:
 
 
 @dataclass
-class Api:
+class Checkout:
+    """A checkout to measure, and the Python (virtual environment) to run it with."""
+
     repo: Path
+    python: str = sys.executable
+
+    @classmethod
+    def parse(cls, value: str) -> Checkout:
+        """PATH or PATH:PYTHON."""
+        path, _, python = value.partition(":")
+        return cls(Path(path).resolve(), python or sys.executable)
+
+    @property
+    def label(self) -> str:
+        env = "" if self.python == sys.executable else f" ({Path(self.python).parents[1].name})"
+        return f"{self.repo.name}{env}"
+
+
+@dataclass
+class Api:
+    checkout: Checkout
     mode: str
     port: int
     pid: int
@@ -97,13 +117,13 @@ class Api:
 
 
 @contextmanager
-def running_api(repo: Path, mode: str) -> Iterator[Api]:
+def running_api(checkout: Checkout, mode: str) -> Iterator[Api]:
     """The checkout's API on a fresh home (and a fresh PostgreSQL database in pg mode), with TENANTS tenants."""
     home = Path(tempfile.mkdtemp(prefix="trickserve-viewers-"))
     env = {k: v for k, v in os.environ.items() if k != "PYTHONPATH"}
     env.update(TRICKSERVE_HOME=str(home), TRICKSERVE_SSE_MAX_CONNECTIONS_PER_TENANT="5000")
     with _database(mode, env):
-        cli = [sys.executable, "-m", "cli.main"]
+        repo, cli = checkout.repo, [checkout.python, "-m", "cli.main"]
         subprocess.run([*cli, "migrate"], cwd=repo, env=env, capture_output=True, check=True)
         keys = []
         for t in range(TENANTS):
@@ -115,7 +135,7 @@ def running_api(repo: Path, mode: str) -> Iterator[Api]:
         api = subprocess.Popen([*cli, "api", "--port", str(port)], cwd=repo, env=env, stdout=log, stderr=log)
         try:
             _wait_ready(port)
-            yield Api(repo, mode, port, api.pid, env, keys)
+            yield Api(checkout, mode, port, api.pid, env, keys)
         finally:
             api.terminate()
             try:
@@ -154,9 +174,10 @@ def scenario(api: Api, name: str, viewers: int, tenants: int, args: argparse.Nam
     """One run: `viewers` streams over `tenants` jobs (one per tenant), fed until the jobs end."""
     jobs = [_submit(api, api.keys[t]) for t in range(tenants)]
     crowd = [Viewer(jobs[i % tenants], api.keys[i % tenants]) for i in range(viewers)]
+    feed = json.dumps({"jobs": jobs, "events": args.events, "interval": args.interval})
     feeder = subprocess.Popen(
-        [sys.executable, "-c", FEEDER, json.dumps({"jobs": jobs, "events": args.events, "interval": args.interval})],
-        cwd=api.repo, env=api.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
+        [api.checkout.python, "-c", FEEDER, feed],
+        cwd=api.checkout.repo, env=api.env, stdin=subprocess.PIPE, stdout=subprocess.PIPE, text=True,
     )  # fmt: skip
     assert feeder.stdout is not None and feeder.stdin is not None
     feeder.stdout.readline()  # claimed: the jobs are running
@@ -322,7 +343,9 @@ def _wait_ready(port: int) -> None:
 
 def main() -> None:
     parser = argparse.ArgumentParser(description=__doc__, formatter_class=argparse.RawDescriptionHelpFormatter)
-    parser.add_argument("--repo", action="append", type=Path, help="a checkout to measure (repeatable)")
+    parser.add_argument(
+        "--repo", action="append", type=Checkout.parse, help="PATH[:PYTHON], a checkout to measure (repeatable)"
+    )
     parser.add_argument("--modes", default="embedded,pg")
     parser.add_argument("--viewers", default="10,100,1000", help="viewers of one job, per scenario")
     parser.add_argument("--tenant-viewers", type=int, default=100, help="viewers spread over 10 tenants' jobs")
@@ -340,14 +363,15 @@ def main() -> None:
     for mode in args.modes.split(","):
         for name, n, tenants in scenarios:
             with ExitStack() as stack:
-                apis = [stack.enter_context(running_api(repo.resolve(), mode)) for repo in args.repo or [HERE]]
+                checkouts = args.repo or [Checkout(HERE)]
+                apis = [stack.enter_context(running_api(checkout, mode)) for checkout in checkouts]
                 for _ in range(args.runs):
                     for api in apis:
                         scenario(api, name, n, tenants, args)
             for api in apis:
                 runs = api.results[name]
                 med = {k: statistics.median(r[k] for r in runs) for k in runs[0]}
-                print(f"{mode:<9}{str(api.repo)[-25:]:<26}{name:<24}{med['complete']:>9.0%}{med['errors']:>8.0f}"
+                print(f"{mode:<9}{api.checkout.label[-25:]:<26}{name:<24}{med['complete']:>9.0%}{med['errors']:>8.0f}"
                       f"{med['p50_ms']:>9.0f}{med['p95_ms']:>9.0f}{med['rss_mb']:>8.0f}", flush=True)  # fmt: skip
 
 

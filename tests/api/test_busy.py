@@ -3,6 +3,7 @@ pool's connections, or the event streams' own pool."""
 
 from __future__ import annotations
 
+import sqlite3
 from collections.abc import Callable
 
 from fastapi.testclient import TestClient
@@ -34,3 +35,15 @@ def test_streams_have_their_own_pool_and_answer_503_before_streaming_when_it_is_
         assert_busy(client.get(f"/v1/jobs/{job_id}/events"), "database_busy")
         assert client.get(f"/v1/jobs/{job_id}/metrics").status_code == 200  # polling is not starved by streams
     assert client.app.state.hub.feeds == {} and client.app.state.stream_slots.open["default"] == 0
+
+
+def test_a_database_locked_past_the_busy_timeout_answers_503(make_client: Callable[..., TestClient], settings):
+    client = make_client(sqlite_busy_timeout_s=0.2)
+    locker = sqlite3.connect(settings.database_url.removeprefix("sqlite:///"), isolation_level=None)
+    locker.execute("BEGIN IMMEDIATE")  # another writer holds the lock for longer than the API waits for it
+    try:
+        assert_busy(client.post("/v1/jobs", json=make_spec()), "database_busy")
+    finally:
+        locker.rollback()
+        locker.close()
+    assert client.post("/v1/jobs", json=make_spec()).status_code == 201
