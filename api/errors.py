@@ -4,6 +4,7 @@ from __future__ import annotations
 
 import logging
 import secrets
+import time
 from collections.abc import Callable
 from typing import Any
 
@@ -12,6 +13,7 @@ from fastapi.exceptions import RequestValidationError
 from fastapi.responses import JSONResponse, Response
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
+from sqlalchemy.exc import TimeoutError as PoolTimeout
 from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
@@ -138,14 +140,46 @@ async def _storage_full(request: Request, exc: StorageFull) -> JSONResponse:
     return await _api_error(request, storage_full(message, request.app.state.settings.retry_after_s))
 
 
+# What the databases say when they are out of connections or locks for now, rather than broken.
+BUSY_DATABASE = ("database is locked", "database table is locked", "too many clients", "connection slots are reserved")
+
+
 async def _disk_or_internal(request: Request, exc: Exception) -> JSONResponse:
-    """A write that failed for lack of space (a file, SQLite, PostgreSQL) is a 507; any other such error a 500."""
+    """A write that failed for lack of space (a file, SQLite, PostgreSQL) is a 507; a database out of connections
+    or locks a 503; any other such error a 500."""
+    if isinstance(exc, OperationalError) and any(busy in str(exc) for busy in BUSY_DATABASE):
+        return await _database_busy(request, exc)
     if not is_disk_full(exc):
         return await _internal(request, exc)
     what = "the database is full" if isinstance(exc, OperationalError) else "the disk is full"
     log.warning("%s on %s %s: %s", what, request.method, request.url.path, str(exc).splitlines()[0])
     retry_after_s = request.app.state.settings.retry_after_s
     return await _api_error(request, storage_full(f"{what}; try again once space is freed", retry_after_s))
+
+
+class _OncePerMinute:
+    """Logs a recurring condition once, then at most once a minute with how often it happened meanwhile."""
+
+    def __init__(self, message: str):
+        self.message, self.count, self.last = message, 0, float("-inf")
+
+    def __call__(self) -> None:
+        self.count += 1
+        now = time.monotonic()
+        if now - self.last >= 60:
+            log.warning("%s (%d time%s since the last report)", self.message, self.count, "s" * (self.count != 1))
+            self.count, self.last = 0, now
+
+
+_pool_exhausted = _OncePerMinute("database busy (pool exhausted, or locked): requests answered 503 with Retry-After")
+
+
+async def _database_busy(request: Request, exc: Exception) -> JSONResponse:
+    # Every connection of the pool stayed busy for db_pool_timeout_s, or the database had no connection or lock to
+    # spare in time: load beyond what it serves, not a bug.
+    _pool_exhausted()
+    message = "the server has no free database connection; try again shortly"
+    return await _api_error(request, ApiError(503, "database_busy", message, headers={"Retry-After": "1"}))
 
 
 async def _client_gone(request: Request, exc: ClientDisconnect) -> Response:
@@ -183,6 +217,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(StorageFull, _storage_full)
     app.add_exception_handler(OSError, _disk_or_internal)
     app.add_exception_handler(OperationalError, _disk_or_internal)
+    app.add_exception_handler(PoolTimeout, _database_busy)
     app.add_exception_handler(StorageQuotaExceeded, _simple(413, "storage_quota_exceeded"))
     app.add_exception_handler(ClientDisconnect, _client_gone)
     app.add_exception_handler(Exception, _internal)

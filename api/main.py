@@ -13,11 +13,12 @@ from starlette.concurrency import run_in_threadpool
 
 from api.deps import refuse_nul
 from api.errors import install_error_handlers
+from api.hub import EventHub
 from api.limits import BodyLimitMiddleware
 from api.monitoring import LatencyMiddleware, Monitoring
 from api.reads import QuickReads
 from api.routes import include_routers, upload_limits
-from api.streaming import StreamSlots
+from api.slots import StreamSlots
 from api.uploads import keep_sweeping_stale_uploads, sweep_stale_uploads
 from core.config import Settings
 from core.db import Database
@@ -50,7 +51,19 @@ def create_app(settings: Settings, *, send: Send) -> FastAPI:
     app.state.sessions = db.sessions
     app.state.read_sessions = db.read_sessions
     app.state.quick_reads = QuickReads(db, settings)
-    app.state.stream_slots = StreamSlots(settings.sse_max_connections_per_tenant, settings.retry_after_s)
+    # The event streams read through a small pool of their own: polling and streaming cannot starve each other.
+    stream_db = Database.from_settings(settings, pool_size=settings.sse_db_pool_size, max_overflow=0)
+    app.state.stream_db = stream_db
+    app.state.stream_sessions = stream_db.read_sessions
+    app.state.hub = EventHub(
+        stream_db.read_sessions, redis_url=settings.redis_url, queue_events=settings.sse_queue_events
+    )
+    app.state.stream_slots = StreamSlots(
+        settings.sse_max_connections_per_tenant,
+        settings.sse_max_connections,
+        settings.retry_after_s,
+        settings.redis_url,
+    )
     app.state.monitoring = Monitoring(app.state.read_sessions)
     app.add_middleware(
         BodyLimitMiddleware,
@@ -71,11 +84,16 @@ async def _lifespan(app: FastAPI) -> AsyncIterator[None]:
     await run_in_threadpool(settings.ensure_dirs)
     await sweep_stale_uploads(settings)
     sweeper = asyncio.create_task(keep_sweeping_stale_uploads(settings))
+    renewer = asyncio.create_task(app.state.stream_slots.keep_renewing())
     try:
         yield
     finally:
         sweeper.cancel()
+        renewer.cancel()
+        await app.state.hub.close()
+        await app.state.stream_slots.close()
         app.state.quick_reads.dispose()
+        app.state.stream_db.dispose()
         app.state.db.dispose()
 
 

@@ -79,9 +79,11 @@ def cmd_train(args: argparse.Namespace) -> int:
         sys.exit(f"error: {exc}")
     (out / "result.json").write_text(json.dumps(result.to_json(), indent=2))
     m = result.metrics
-    print(f"{result.status} after {result.epochs_run} epochs"
-          f"{f' ({result.stop_reason})' if result.stop_reason else ''}: "
-          f"test/acc={_fmt(m.get('test/acc'))} test/loss={_fmt(m.get('test/loss'))} -> {out / 'result.json'}")
+    print(
+        f"{result.status} after {result.epochs_run} epochs"
+        f"{f' ({result.stop_reason})' if result.stop_reason else ''}: "
+        f"test/acc={_fmt(m.get('test/acc'))} test/loss={_fmt(m.get('test/loss'))} -> {out / 'result.json'}"
+    )
     return 0 if result.status in ("succeeded", "early_stopped") else 1
 
 

@@ -39,16 +39,26 @@ class ProgressBar(Callback):
         """Update from one event, given as its parts (so streamed events work too)."""
         if kind == "progress":
             frac = data["step_in_epoch"] / max(1, data["steps_per_epoch"])
-            self.progress.update(self.task, completed=epoch - 1 + frac, epoch=epoch,
-                                 metrics=f"loss {_f(data.get('train/loss'))}  {data['samples_per_s']:.0f} samples/s")
+            self.progress.update(
+                self.task,
+                completed=epoch - 1 + frac,
+                epoch=epoch,
+                metrics=f"loss {_f(data.get('train/loss'))}  {data['samples_per_s']:.0f} samples/s",
+            )
         elif kind == "epoch_end":
-            self.progress.update(self.task, completed=epoch, epoch=epoch, metrics=_epoch_text(data),
-                                 description=self.name + _patience_text(data))
+            self.progress.update(
+                self.task,
+                completed=epoch,
+                epoch=epoch,
+                metrics=_epoch_text(data),
+                description=self.name + _patience_text(data),
+            )
         elif kind == "early_stop":
             self.progress.console.print(
                 f"early stop at epoch {data['stopped_epoch']}: {data['monitor']} did not improve for "
                 f"{data['wait']} epochs (patience {data['patience']}); best {_f(data['best'])} "
-                f"at epoch {data['best_epoch']}")
+                f"at epoch {data['best_epoch']}"
+            )
         elif kind in ("diverged", "resumed", "warning"):
             self.progress.console.print(f"{kind}: {data}")
 

@@ -10,8 +10,10 @@ import logging
 import os
 import sys
 from collections.abc import Callable, Iterator
+from typing import Any
 
 import uvicorn
+from uvicorn.supervisors import Multiprocess
 
 from core.config import Settings
 
@@ -27,6 +29,9 @@ def register(sub: argparse._SubParsersAction) -> None:
     p = sub.add_parser("api", help="run the HTTP API only")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
+    p.add_argument(
+        "--workers", type=int, default=1, help="API processes sharing the port (one per core is a good start)"
+    )
     p.add_argument(
         "--graceful-shutdown-s",
         type=int,
@@ -65,7 +70,16 @@ def cmd_worker(args: argparse.Namespace) -> int:
 
 
 def cmd_api(args: argparse.Namespace) -> int:
-    serve(Settings(), args.host, args.port, log_level="info", graceful_shutdown_s=args.graceful_shutdown_s)
+    if args.workers < 1:
+        raise SystemExit("trickserve: --workers must be at least 1")
+    serve(
+        Settings(),
+        args.host,
+        args.port,
+        log_level="info",
+        graceful_shutdown_s=args.graceful_shutdown_s,
+        processes=args.workers,
+    )
     return 0
 
 
@@ -105,23 +119,41 @@ def serve(
     log_level: str,
     graceful_shutdown_s: int | None = None,
     before_exit: Callable[[], None] | None = None,
+    processes: int = 1,
 ) -> None:
-    """Serve the API on host:port until a signal, publishing jobs through the worker's Celery app."""
-    from api.main import create_app
+    """Serve the API on host:port until a signal, publishing jobs through the worker's Celery app. With several
+    `processes`, a supervisor starts that many API processes on the one socket (uvicorn's --workers) and restarts
+    any that dies; each reads the settings from the environment, as this one did."""
     from api.server import listening_socket
-    from worker.celery_app import publisher
 
-    app = create_app(settings, send=publisher(settings))
-    config = uvicorn.Config(
-        app, host=host, port=port, log_level=log_level, timeout_graceful_shutdown=graceful_shutdown_s
-    )
+    options = {"host": host, "port": port, "log_level": log_level, "timeout_graceful_shutdown": graceful_shutdown_s}
+    if processes > 1:
+        config = uvicorn.Config("cli.service:app_from_environment", factory=True, workers=processes, **options)
+    else:
+        config = uvicorn.Config(app_from_settings(settings), **options)
     try:
         sock = listening_socket(host, port, write_timeout_s=settings.write_timeout_s)
     except OSError as exc:
         raise SystemExit(f"trickserve: cannot listen on {host}:{port}: {exc}") from None
     # uvicorn says where it listens only when it made the socket itself.
     logging.getLogger("uvicorn.error").info("Uvicorn running on http://%s:%d (Press CTRL+C to quit)", host, port)
-    _Server(config, before_exit).run(sockets=[sock])
+    if processes > 1:
+        Multiprocess(config, sockets=[sock]).run()
+    else:
+        _Server(config, before_exit).run(sockets=[sock])
+
+
+def app_from_settings(settings: Settings) -> Any:
+    """The API app, publishing jobs through the worker's Celery app."""
+    from api.main import create_app
+    from worker.celery_app import publisher
+
+    return create_app(settings, send=publisher(settings))
+
+
+def app_from_environment() -> Any:
+    """The app factory each process of `trickserve api --workers N` calls."""
+    return app_from_settings(Settings())
 
 
 class _Server(uvicorn.Server):

@@ -60,6 +60,30 @@ class Settings(BaseSettings):
         "redelivered message is dropped by the claim, so a long one only costs a wasted delivery",
     )
     sqlite_busy_timeout_s: float = Field(default=30.0, gt=0, le=600, description="how long a SQLite writer waits (s)")
+    db_pool_size: int = Field(
+        default=10,
+        ge=1,
+        le=1000,
+        description="database connections each process keeps open; with PostgreSQL, keep (API processes x "
+        "(db_pool_size + db_pool_overflow + sse_db_pool_size) + workers x 2) under its max_connections",
+    )
+    db_pool_overflow: int = Field(
+        default=10, ge=0, le=1000, description="connections a process may open beyond db_pool_size under load"
+    )
+    db_pool_timeout_s: float = Field(
+        default=5.0,
+        gt=0,
+        le=600,
+        description="how long a request waits for a free database connection before it is answered 503 with "
+        "Retry-After (s)",
+    )
+    sse_db_pool_size: int = Field(
+        default=4,
+        ge=1,
+        le=1000,
+        description="database connections of the event streams of an API process, apart from the requests' pool so "
+        "that polling and streaming cannot starve each other",
+    )
 
     max_upload_mb: int = Field(default=200, ge=1, le=100_000, description="largest dataset upload (MiB)")
     max_body_kb: int = Field(default=1024, ge=1, le=100_000, description="largest JSON request body (KiB)")
@@ -79,7 +103,25 @@ class Settings(BaseSettings):
         description="a dataset upload's temporary file untouched this long was left by an API that stopped "
         "mid-upload, and is deleted; swept at start-up and every quarter of this (s)",
     )
-    sse_max_connections_per_tenant: int = Field(default=10, ge=1, description="open event streams per tenant")
+    sse_max_connections_per_tenant: int = Field(
+        default=10,
+        ge=1,
+        description="open event streams per tenant; counted across API processes and machines through Redis when "
+        "redis_url is set, per API process otherwise",
+    )
+    sse_max_connections: int = Field(
+        default=4096,
+        ge=1,
+        description="open event streams per API process, all tenants together; beyond it a stream is answered 503 "
+        "with Retry-After (each stream holds a socket, so keep it under the process's open-file limit)",
+    )
+    sse_queue_events: int = Field(
+        default=1000,
+        ge=1,
+        le=1_000_000,
+        description="events an event stream may fall behind the live feed; a viewer further behind is disconnected "
+        "(its client resumes with Last-Event-ID), so that it never holds up the others",
+    )
     write_timeout_s: float = Field(
         default=30.0,
         gt=0,

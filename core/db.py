@@ -79,7 +79,15 @@ class Database:
 
     @classmethod
     def from_settings(cls, settings: Settings, **engine_kwargs: Any) -> Database:
-        return cls(settings.database_url, sqlite_busy_timeout_s=settings.sqlite_busy_timeout_s, **engine_kwargs)
+        """The database of `settings`, its pool sized by them; `engine_kwargs` (e.g. pool_size) win."""
+        pool = {
+            "pool_size": settings.db_pool_size,
+            "max_overflow": settings.db_pool_overflow,
+            "pool_timeout": settings.db_pool_timeout_s,
+        }
+        return cls(
+            settings.database_url, sqlite_busy_timeout_s=settings.sqlite_busy_timeout_s, **{**pool, **engine_kwargs}
+        )
 
     @contextmanager
     def session(self, *, read_only: bool = False) -> Iterator[Session]:

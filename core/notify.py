@@ -12,7 +12,7 @@ import logging
 from typing import Any
 
 log = logging.getLogger(__name__)
-POLL_INTERVAL_S = 0.25  # without Redis, how often a stream looks for new rows
+POLL_INTERVAL_S = 0.1  # without Redis, how often a job's feed looks for new rows (one per watched job per API)
 CHANNEL_PREFIX = "trickserve:job:"
 
 

@@ -8,6 +8,7 @@ from fastapi import APIRouter, Header, Query, Request, Response
 from starlette.concurrency import run_in_threadpool
 
 from api.deps import AUTHENTICATED, JobDep, SettingsDep, TenantDep
+from api.hub import EventHub
 from api.schemas import ERRORS, ErrorBody
 from api.streaming import CURSOR_PATTERN, JobEventResponse, event_cursor, job_events
 from core import jobs
@@ -32,6 +33,7 @@ After = Annotated[
         204: {"description": "resumed (Last-Event-ID) after the last event of a finished job: stop reconnecting"},
         **INVALID_CURSOR,
         429: {"model": ErrorBody, "description": "too many open streams; see Retry-After"},
+        503: {"model": ErrorBody, "description": "the server is busy (streams or database); see Retry-After"},
     },
 )
 async def stream_events(
@@ -52,11 +54,22 @@ async def stream_events(
     start = resumed if last_event_id else after_id
     if last_event_id and job.status.is_terminal and not await run_in_threadpool(_has_events, request, job, start):
         return Response(status_code=204)  # the SSE way to tell a client that reconnects after the end to stop
-    give_back = request.app.state.stream_slots.take(tenant)
-    stream = job_events(request.app.state.read_sessions, job.job_id, after=start, redis_url=settings.redis_url)
-    return JobEventResponse(
-        stream, give_back=give_back, send_timeout_s=settings.write_timeout_s, ping=settings.sse_ping_s
-    )
+    hub: EventHub = request.app.state.hub
+    give_back = await request.app.state.stream_slots.take(tenant)
+    try:
+        subscriber = await hub.subscribe(
+            job.job_id, start
+        )  # 503 here, before the stream begins, if the database is busy
+    except BaseException:
+        await give_back()
+        raise
+
+    async def close() -> None:
+        hub.unsubscribe(job.job_id, subscriber)
+        await give_back()
+
+    stream = job_events(request.app.state.stream_sessions, job.job_id, subscriber, after=start)
+    return JobEventResponse(stream, close=close, send_timeout_s=settings.write_timeout_s, ping=settings.sse_ping_s)
 
 
 def _has_events(request: Request, job: Job, after: int) -> bool:

@@ -191,7 +191,7 @@ def test_redis_wakes_streams_without_waiting_for_a_poll(make_server: Callable[..
         redis.Redis.from_url(REDIS_URL, socket_connect_timeout=1).ping()
     except redis.RedisError:
         pytest.skip(f"Redis unreachable at {REDIS_URL}")
-    from api.streaming import WAKE_TIMEOUT_S
+    from api.hub import WAKE_TIMEOUT_S
 
     with make_server(redis_url=REDIS_URL).client(timeout=READ_TIMEOUT_S + WAKE_TIMEOUT_S) as http:
         job_id = submit(http)
@@ -215,3 +215,28 @@ def test_reconnecting_after_the_end_is_told_to_stop_with_204(http: httpx.Client,
     assert r.status_code == 204 and r.content == b""
     with open_stream(http, job_id, headers={"Last-Event-ID": str(last - 1)}) as stream:  # events remain: replay
         assert [e["event"] for e in stream.rest()] == ["status", "end"]
+
+
+def test_open_streams_per_api_process_are_limited_with_503(make_server: Callable[..., Any]):
+    server = make_server(sse_max_connections=1)
+    with server.client(timeout=READ_TIMEOUT_S) as http, server.client("other", timeout=READ_TIMEOUT_S) as other:
+        job_id, others = submit(http), submit(other)
+        with open_stream(http, job_id) as stream:
+            stream.next_event()
+            refused = other.get(f"/v1/jobs/{others}/events")  # another tenant, under its own cap: the process is full
+            assert refused.status_code == 503 and refused.json()["error"]["code"] == "too_many_streams"
+            assert int(refused.headers["retry-after"]) > 0
+
+
+def test_viewers_of_one_job_share_one_reader_and_a_vanished_one_leaves_it(make_server: Callable[..., Any]):
+    server = make_server()
+    hub = server.app.state.hub
+    with server.client(timeout=READ_TIMEOUT_S) as http:
+        job_id = submit(http)
+        with open_stream(http, job_id) as first, open_stream(http, job_id) as second:
+            first.next_event(), second.next_event()
+            assert list(hub.feeds) == [job_id] and len(hub.feeds[job_id].subscribers) == 2
+        deadline = time.monotonic() + 3  # both clients hung up: the server notices, and the feed stops
+        while hub.feeds and time.monotonic() < deadline:
+            time.sleep(0.05)
+        assert hub.feeds == {} and server.app.state.stream_slots.open["default"] == 0

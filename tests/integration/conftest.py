@@ -270,8 +270,8 @@ class ApiServer:
     """`trickserve api` in a process of its own on a fixed port: `stop` it (SIGTERM, then SIGKILL)
     and `start` it again on the same port and database, as a deploy or a crash would."""
 
-    def __init__(self, log_path: Path, key: str | None):
-        self.port, self.log_path = free_port(), log_path
+    def __init__(self, log_path: Path, key: str | None, processes: int = 1):
+        self.port, self.log_path, self.processes = free_port(), log_path, processes
         self.url = f"http://127.0.0.1:{self.port}"
         self.headers = {"Authorization": f"Bearer {key}"} if key else {}
         self.proc: subprocess.Popen | None = None
@@ -279,7 +279,7 @@ class ApiServer:
 
     def start(self) -> None:
         argv = [sys.executable, "-m", "cli.main", "api", "--host", "127.0.0.1", "--port", str(self.port),
-                "--graceful-shutdown-s", "2"]  # fmt: skip
+                "--graceful-shutdown-s", "2", "--workers", str(self.processes)]  # fmt: skip
         with open(self.log_path, "ab") as log:
             self.proc = subprocess.Popen(argv, cwd=REPO, stdout=log, stderr=subprocess.STDOUT, start_new_session=True)
         wait_for(self._answers, timeout=30, what="the API to answer")
@@ -315,8 +315,8 @@ class ApiServer:
 def start_api(tmp_path: Path) -> Iterator[Callable[[Service], ApiServer]]:
     servers: list[ApiServer] = []
 
-    def start(service: Service) -> ApiServer:
-        servers.append(ApiServer(tmp_path / f"api-{len(servers)}.log", service.api_key()))
+    def start(service: Service, processes: int = 1) -> ApiServer:
+        servers.append(ApiServer(tmp_path / f"api-{len(servers)}.log", service.api_key(), processes))
         return servers[-1]
 
     yield start
