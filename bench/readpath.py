@@ -2,7 +2,8 @@
 
 For each mode (embedded: SQLite; postgres: PostgreSQL, given to the API as TRICKSERVE_DATABASE_URL) it migrates a
 fresh database, stores a finished job of --epochs epochs through core.jobs as a worker stores them (progress
-events between epoch_end events; no training), starts `python -m cli.main api` on it, and runs the sections:
+events between epoch_end events; no training), starts `python -m cli.main api` on it (--workers processes), and
+runs the sections:
   - metric-page: GET /v1/jobs/{id}/metrics?names=val/loss&limit=1000 with 1 and with 8 concurrent keep-alive
     clients, --rounds windows of --seconds each: requests/s and p50/p95 latency, medians over the rounds; and the
     same page read in this process by the query the route runs, so that `metric_page_http_vs_db=` (HTTP p50 with
@@ -10,7 +11,7 @@ events between epoch_end events; no training), starts `python -m cli.main api` o
 A section is a function of the running service in SECTIONS; --only picks some. The machine's load average is
 printed with the results: the numbers are only comparable between runs on an equally quiet machine.
 
-    python bench/readpath.py [--modes embedded,postgres] [--only metric-page] [--rounds 5] [--seconds 3]
+    python bench/readpath.py [--modes embedded,postgres] [--only metric-page] [--workers 1] [--rounds 5]
 """
 
 from __future__ import annotations
@@ -73,8 +74,9 @@ class Service:
 
 
 @contextmanager
-def service(mode: str, epochs: int) -> Iterator[Service]:
-    """A migrated database of `mode` with a key and a job of `epochs` epochs, served by a real API process."""
+def service(mode: str, epochs: int, workers: int = 1) -> Iterator[Service]:
+    """A migrated database of `mode` with a key and a job of `epochs` epochs, served by `workers` real API
+    processes."""
     home = Path(tempfile.mkdtemp(prefix=f"trickserve-readpath-{mode}-"))
     with _database(mode, home) as url:
         init_db(url)
@@ -82,11 +84,13 @@ def service(mode: str, epochs: int) -> Iterator[Service]:
         key, job_id = _prepare(db, epochs)
         env = {**os.environ, "TRICKSERVE_HOME": str(home), "TRICKSERVE_DATABASE_URL": url}
         port = _free_port()
-        api = subprocess.Popen([sys.executable, "-m", "cli.main", "api", "--port", str(port)], cwd=REPO, env=env,
-                               stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)  # fmt: skip
+        argv = [sys.executable, "-m", "cli.main", "api", "--port", str(port)]
+        argv += ["--workers", str(workers)] if workers > 1 else []
+        api = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             base = f"http://127.0.0.1:{port}"
             _wait_ready(base)
+            time.sleep(3 if workers > 1 else 0)  # the first process answered; let the others start too
             yield Service(mode, base, {"Authorization": f"Bearer {key}"}, db, job_id)
         finally:
             api.terminate()
@@ -260,6 +264,7 @@ def main() -> None:
     parser.add_argument("--modes", default="embedded,postgres", help="comma-separated: embedded, postgres")
     parser.add_argument("--only", default=",".join(SECTIONS), help=f"comma-separated sections of {list(SECTIONS)}")
     parser.add_argument("--epochs", type=int, default=2000, help="epochs of the job whose metrics are read")
+    parser.add_argument("--workers", type=int, default=1, help="API processes (trickserve api --workers)")
     parser.add_argument("--rounds", type=int, default=5, help="measurement windows per section and load")
     parser.add_argument("--seconds", type=float, default=3.0, help="length of each window")
     args = parser.parse_args()
@@ -267,13 +272,13 @@ def main() -> None:
     load = [os.getloadavg()]
     results: list[str] = []
     for mode in args.modes.split(","):
-        with service(mode, args.epochs) as svc:
+        with service(mode, args.epochs, args.workers) as svc:
             for section in sections:
                 section(svc, args)
             results += svc.results
     load.append(os.getloadavg())
-    print(f"\n{REPO}: {len(os.sched_getaffinity(0))} CPUs, load average (1 min) {load[0][0]:.2f} before, "
-          f"{load[1][0]:.2f} after")  # fmt: skip
+    print(f"\n{REPO}, {args.workers} API process(es): {len(os.sched_getaffinity(0))} CPUs, load average (1 min) "
+          f"{load[0][0]:.2f} before, {load[1][0]:.2f} after")  # fmt: skip
     print("\n".join(results))
 
 
