@@ -77,8 +77,11 @@ class Service:
 def service(mode: str, epochs: int, workers: int = 1) -> Iterator[Service]:
     """A migrated database of `mode` with a key and a job of `epochs` epochs, served by `workers` real API
     processes."""
-    home = Path(tempfile.mkdtemp(prefix=f"trickserve-readpath-{mode}-"))
-    with _database(mode, home) as url:
+    with (
+        tempfile.TemporaryDirectory(prefix=f"trickserve-readpath-{mode}-") as folder,
+        _database(mode, Path(folder)) as url,
+    ):
+        home = Path(folder)
         init_db(url)
         db = Database(url)
         key, job_id = _prepare(db, epochs)
