@@ -2,8 +2,8 @@
 
 Both read metric_point by index ranges and answer JSON encoded once by orjson: no model per point, and no
 re-validation of the answer (the Response is returned as it is); the decorators keep the OpenAPI document exact.
-The job is checked to be the caller's in the same session as the read (404 otherwise), not by JobDep: one trip to
-the database and to the threadpool per request."""
+The key and the job are checked in the same session as the read (401, 404 otherwise), not by TenantDep and JobDep:
+one trip to the database and to the threadpool per request."""
 
 from __future__ import annotations
 
@@ -16,7 +16,8 @@ from fastapi import APIRouter, Query, Request, Response
 from sqlalchemy.orm import Session, sessionmaker
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import AUTHENTICATED, JobIdPath, PageLimitDep, TenantDep
+from api.auth import BearerKey, tenant_in
+from api.deps import JobIdPath, PageLimitDep
 from api.errors import ApiError, problem
 from api.routes.events import INVALID_CURSOR, After
 from api.schemas import ERRORS, MetricSeries, MetricsPage
@@ -24,7 +25,7 @@ from api.streaming import event_cursor
 from core import jobs, metrics
 
 # Tagged like the event stream: the points are what its epoch_end and test events hold.
-router = APIRouter(prefix="/v1/jobs", tags=["events"], dependencies=AUTHENTICATED, responses=ERRORS)
+router = APIRouter(prefix="/v1/jobs", tags=["events"], responses=ERRORS)
 
 MAX_NAMES = 50
 MAX_SERIES_POINTS = 10_000  # per name, downsampled; at least as many as a job has epochs
@@ -41,7 +42,7 @@ INFINITY = math.inf
 @router.get("/{job_id}/metrics", response_model=MetricsPage, responses=INVALID_CURSOR)
 async def read_metrics(  # async: one trip to the threadpool (the read), where a sync route makes three
     job_id: JobIdPath,
-    tenant: TenantDep,
+    key: BearerKey,
     request: Request,
     limit: PageLimitDep,
     after: After = None,
@@ -50,14 +51,14 @@ async def read_metrics(  # async: one trip to the threadpool (the read), where a
     """Per-epoch metric points (from epoch_end and test events), oldest first: one per (name, step). `limit`
     counts events (each gives one point per metric); page with next_cursor, poll later from last_cursor."""
     start, wanted = event_cursor(after), None if names is None else _names(names)
-    body = await run_in_threadpool(_page, request.app.state.read_sessions, tenant, job_id, start, wanted, limit)
+    body = await run_in_threadpool(_page, request.app.state.read_sessions, key, job_id, start, wanted, limit)
     return Response(body, media_type="application/json")
 
 
 @router.get("/{job_id}/metrics/series", response_model=MetricSeries, responses=INVALID_CURSOR)
 async def read_metric_series(
     job_id: JobIdPath,
-    tenant: TenantDep,
+    key: BearerKey,
     request: Request,
     after: After = None,
     names: Names = None,
@@ -72,16 +73,16 @@ async def read_metric_series(
     of NaN only keeps one point); `total` counts the points before. Poll later from last_cursor for new points."""
     start, wanted = event_cursor(after), None if names is None else _names(names)
     sessions = request.app.state.read_sessions
-    body = await run_in_threadpool(_series, sessions, tenant, job_id, start, wanted, max_points)
+    body = await run_in_threadpool(_series, sessions, key, job_id, start, wanted, max_points)
     return Response(body, media_type="application/json")
 
 
 def _page(
-    sessions: sessionmaker[Session], tenant: str, job_id: str, after: int, names: list[str] | None, limit: int
+    sessions: sessionmaker[Session], key: str, job_id: str, after: int, names: list[str] | None, limit: int
 ) -> bytes:
     """A MetricsPage as JSON."""
     with sessions() as session:
-        jobs.check_job(session, tenant, job_id)
+        jobs.check_job(session, tenant_in(session, key), job_id)
         page = metrics.read_page(session, job_id, after=after, names=names, limit=limit)
     items = [
         {"cursor": cursor, "step": step, "epoch": epoch, "name": name, "value": _spelled(value), "at": at}
@@ -92,7 +93,7 @@ def _page(
 
 def _series(
     sessions: sessionmaker[Session],
-    tenant: str,
+    key: str,
     job_id: str,
     after: int,
     names: list[str] | None,
@@ -100,7 +101,7 @@ def _series(
 ) -> bytes:
     """A MetricSeries as JSON."""
     with sessions() as session:
-        jobs.check_job(session, tenant, job_id)
+        jobs.check_job(session, tenant_in(session, key), job_id)
         stored = metrics.read_series(session, job_id, names, after=after)
     last = max((rows[-1][1] for rows in stored.values() if rows), default=after)
     return _json({"series": {name: _columns(rows, max_points) for name, rows in stored.items()}, "last_cursor": last})
