@@ -119,8 +119,8 @@ class JobFeed:
 class EventHub:
     """The feeds of this process, started by a job's first viewer and stopped when its last one leaves."""
 
-    def __init__(self, sessions: sessionmaker[Session], *, redis_url: str | None, queue_events: int):
-        self.sessions, self.redis_url, self.queue_events = sessions, redis_url, queue_events
+    def __init__(self, sessions: sessionmaker[Session], *, redis_url: str | None, viewer_queue: int):
+        self.sessions, self.redis_url, self.viewer_queue = sessions, redis_url, viewer_queue
         self.feeds: dict[str, JobFeed] = {}
 
     async def subscribe(self, job_id: str, after: int) -> Subscriber:
@@ -139,7 +139,7 @@ class EventHub:
             raise
         if feed.error is not None:
             raise feed.error
-        subscriber = Subscriber(asyncio.Queue(self.queue_events), feed.position, feed.since(after))
+        subscriber = Subscriber(asyncio.Queue(self.viewer_queue), feed.position, feed.since(after))
         if feed.end is not None:
             subscriber.queue.put_nowait(feed.end)
         else:

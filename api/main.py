@@ -56,7 +56,7 @@ def create_app(settings: Settings, *, send: Send) -> FastAPI:
     app.state.stream_db = stream_db
     app.state.stream_sessions = stream_db.read_sessions
     app.state.hub = EventHub(
-        stream_db.read_sessions, redis_url=settings.redis_url, queue_events=settings.sse_queue_events
+        stream_db.read_sessions, redis_url=settings.redis_url, viewer_queue=settings.sse_viewer_queue
     )
     app.state.stream_slots = StreamSlots(
         settings.sse_max_connections_per_tenant,

@@ -64,8 +64,8 @@ class Settings(BaseSettings):
         default=10,
         ge=1,
         le=1000,
-        description="database connections each process keeps open; with PostgreSQL, keep (API processes x "
-        "(db_pool_size + db_pool_overflow + sse_db_pool_size) + workers x 2) under its max_connections",
+        description="database connections each process keeps open; with PostgreSQL, keep API processes x "
+        "(db_pool_size + db_pool_overflow + sse_db_pool_size), plus a few per worker, under its max_connections",
     )
     db_pool_overflow: int = Field(
         default=10, ge=0, le=1000, description="connections a process may open beyond db_pool_size under load"
@@ -115,12 +115,13 @@ class Settings(BaseSettings):
         description="open event streams per API process, all tenants together; beyond it a stream is answered 503 "
         "with Retry-After (each stream holds a socket, so keep it under the process's open-file limit)",
     )
-    sse_queue_events: int = Field(
+    sse_viewer_queue: int = Field(
         default=1000,
         ge=1,
         le=1_000_000,
-        description="events an event stream may fall behind the live feed; a viewer further behind is disconnected "
-        "(its client resumes with Last-Event-ID), so that it never holds up the others",
+        description="how far an event stream may fall behind the live feed, in the feed's reads (each carries the "
+        "events committed since the one before); a viewer further behind is disconnected, its client resumes with "
+        "Last-Event-ID, and it never holds up the others",
     )
     write_timeout_s: float = Field(
         default=30.0,

@@ -313,9 +313,7 @@ class ModelSpec(Strict):
 
 class TransferSpec(Strict):
     from_job: str | None = Field(None, description="id of a finished job whose trained weights start this one")
-    from_path: str | None = Field(
-        None, description="local run directory or .safetensors file (command line only)"
-    )
+    from_path: str | None = Field(None, description="local run directory or .safetensors file (command line only)")
     freeze: Literal["small", "medium", "large"] = Field(
         "medium",
         description="small data: train only the head; medium: last block + head; large: train everything",

@@ -24,8 +24,7 @@ def build_optimizer(groups: list[dict[str, Any]], spec: OptimSpec) -> torch.opti
     wd = spec.weight_decay
     if spec.name in ("sgd", "momentum", "nesterov"):
         momentum = 0.0 if spec.name == "sgd" else spec.momentum
-        return torch.optim.SGD(groups, lr=spec.lr, momentum=momentum, nesterov=spec.name == "nesterov",
-                               weight_decay=wd)
+        return torch.optim.SGD(groups, lr=spec.lr, momentum=momentum, nesterov=spec.name == "nesterov", weight_decay=wd)
     if spec.name == "adagrad":
         return torch.optim.Adagrad(groups, lr=spec.lr, eps=spec.eps, weight_decay=wd)
     if spec.name == "rmsprop":
@@ -93,8 +92,11 @@ class Schedule:
         current = logs.get(self.spec.monitor)
         if self.spec.name != "plateau" or current is None or not math.isfinite(current):
             return
-        better = (lambda a, b: a < b - PLATEAU_MIN_DELTA) if self.spec.monitor.endswith("loss") else (
-            lambda a, b: a > b + PLATEAU_MIN_DELTA)
+        better = (
+            (lambda a, b: a < b - PLATEAU_MIN_DELTA)
+            if self.spec.monitor.endswith("loss")
+            else (lambda a, b: a > b + PLATEAU_MIN_DELTA)
+        )
         if self.plateau_best is None or better(current, self.plateau_best):
             self.plateau_best, self.plateau_wait = current, 0
             return

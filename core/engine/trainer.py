@@ -24,8 +24,13 @@ from core.engine.stopping import EarlyStopping
 from core.engine.transfer import frozen_block_count, load_pretrained, param_groups
 from core.spec import JobSpec
 
-STATUS_BY_REASON = {None: "succeeded", "early_stop": "early_stopped", "cancelled": "cancelled",
-                    "timeout": "failed", "diverged": "failed"}
+STATUS_BY_REASON = {
+    None: "succeeded",
+    "early_stop": "early_stopped",
+    "cancelled": "cancelled",
+    "timeout": "failed",
+    "diverged": "failed",
+}
 
 
 @dataclass
@@ -142,11 +147,29 @@ def _setup(spec, callbacks, device, out_dir, data_path, transfer_from, cache_dir
     ctx = RunContext(model=fwd, epochs=spec.train.epochs, steps_per_epoch=steps, sink=cbs)
     bf16 = cuda and spec.resources.precision != "fp32"
     autocast = (lambda: torch.autocast("cuda", dtype=torch.bfloat16)) if bf16 else contextlib.nullcontext
-    info.update(n_params=sum(p.numel() for p in model.parameters()), n_train=n, batch_size=bs,
-                steps_per_epoch=steps, precision="bf16" if bf16 else "fp32")
+    info.update(
+        n_params=sum(p.numel() for p in model.parameters()),
+        n_train=n,
+        batch_size=bs,
+        steps_per_epoch=steps,
+        precision="bf16" if bf16 else "fp32",
+    )
     augment = Augmenter(spec.data.augment, data.kind, data.shift, data.scale)
-    return Run(spec, dev, data, model, optimizer, schedule, augment, generator, cbs, ctx, autocast,
-               Path(out_dir) if out_dir else None, info)
+    return Run(
+        spec,
+        dev,
+        data,
+        model,
+        optimizer,
+        schedule,
+        augment,
+        generator,
+        cbs,
+        ctx,
+        autocast,
+        Path(out_dir) if out_dir else None,
+        info,
+    )
 
 
 def _train_epoch(run: Run, progress: dict[str, Any] | None) -> dict[str, Any] | None:
@@ -162,7 +185,7 @@ def _train_epoch(run: Run, progress: dict[str, Any] | None) -> dict[str, Any] | 
     ctx.model.train()
     interval, last_report, t_epoch = run.spec.train.progress_interval_s, time.monotonic(), time.monotonic()
     for i in range(start, steps):
-        idx = perm[i * bs:(i + 1) * bs]
+        idx = perm[i * bs : (i + 1) * bs]
         x, y = data.x_train[idx], data.y_train[idx]
         if run.augment.enabled:
             x = run.augment(x, run.generator)
@@ -232,9 +255,10 @@ def evaluate(run: Run, x: torch.Tensor, y: torch.Tensor) -> tuple[float, float]:
     sums = torch.zeros(2, device=run.device)
     with torch.inference_mode(), run.autocast():
         for i in range(0, x.shape[0], bs):
-            logits = model(x[i:i + bs]).float()
-            sums += torch.stack((F.cross_entropy(logits, y[i:i + bs], reduction="sum"),
-                                 (logits.argmax(1) == y[i:i + bs]).sum()))
+            logits = model(x[i : i + bs]).float()
+            sums += torch.stack(
+                (F.cross_entropy(logits, y[i : i + bs], reduction="sum"), (logits.argmax(1) == y[i : i + bs]).sum())
+            )
     loss_sum, correct = sums.tolist()
     return loss_sum / x.shape[0], correct / x.shape[0]
 
@@ -250,8 +274,11 @@ def _checkpoint(run: Run, progress: dict[str, Any] | None) -> None:
         "model": run.model.state_dict(),
         "optimizer": run.optimizer.state_dict(),
         "schedule": run.schedule.state_dict(),
-        "rng": {"torch": torch.get_rng_state(), "generator": run.generator.get_state(),
-                "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else []},
+        "rng": {
+            "torch": torch.get_rng_state(),
+            "generator": run.generator.get_state(),
+            "cuda": torch.cuda.get_rng_state_all() if run.device.type == "cuda" else [],
+        },
         "callbacks": run.callbacks.state_dict(),
         "history": ctx.history,
         "epoch_progress": progress,
@@ -295,9 +322,16 @@ def _finish(run: Run) -> RunResult:
     es = next((c for c in run.callbacks.callbacks if isinstance(c, EarlyStopping)), None)
     best_epoch = es.best_epoch + 1 if es is not None and es.best is not None else None
     return RunResult(
-        status=STATUS_BY_REASON[ctx.stop_reason], stop_reason=ctx.stop_reason, epochs_run=ctx.epoch,
-        best_epoch=best_epoch, metrics=metrics, history=ctx.history,
-        checkpoint_path=run.info.get("checkpoint_path"), model_path=model_path, info=run.info, model=run.model,
+        status=STATUS_BY_REASON[ctx.stop_reason],
+        stop_reason=ctx.stop_reason,
+        epochs_run=ctx.epoch,
+        best_epoch=best_epoch,
+        metrics=metrics,
+        history=ctx.history,
+        checkpoint_path=run.info.get("checkpoint_path"),
+        model_path=model_path,
+        info=run.info,
+        model=run.model,
     )
 
 

@@ -40,9 +40,9 @@ def stored_ids(sessions: Sessions, job_id: str) -> list[int]:
         return [e.job_event_id for e in jobs.list_events(s, job_id)]
 
 
-def run(test: Callable[[EventHub], Awaitable[Any]], sessions: Sessions, queue_events: int = 100) -> Any:
+def run(test: Callable[[EventHub], Awaitable[Any]], sessions: Sessions, viewer_queue: int = 100) -> Any:
     async def main() -> Any:
-        hub = EventHub(sessions, redis_url=None, queue_events=queue_events)
+        hub = EventHub(sessions, redis_url=None, viewer_queue=viewer_queue)
         try:
             return await asyncio.wait_for(test(hub), 20)
         finally:
@@ -132,7 +132,7 @@ def test_a_slow_viewer_is_dropped_when_its_queue_fills_and_the_others_get_everyt
         slow_received = await read_all(sessions, job_id, slow, 0)
         return slow, slow_received, await reading
 
-    slow, slow_received, received = run(scenario, sessions, queue_events=2)
+    slow, slow_received, received = run(scenario, sessions, viewer_queue=2)
     assert slow.dropped and slow_received == stored_ids(sessions, job_id)[:2]  # queued, running
     assert received == stored_ids(sessions, job_id)
 
