@@ -18,6 +18,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import random
 import secrets
 import statistics
 import subprocess
@@ -35,7 +36,8 @@ sys.path.insert(0, str(REPO))
 import sqlalchemy as sa  # noqa: E402
 
 PG_ADMIN = os.environ.get("TRICKSERVE_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
-REDIS = os.environ.get("TRICKSERVE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
+REDIS = os.environ.get("TRICKSERVE_BENCH_REDIS_URL", "redis://127.0.0.1:6379")  # a server: a run claims a database
+REDIS_LOCK = "trickserve-test:lock"  # the key by which the tests and benchmarks claim a Redis database number
 TERMINAL = ("succeeded", "early_stopped", "failed", "cancelled")
 DATASETS = {
     "digits": {"dataset": "builtin:digits"},
@@ -77,11 +79,29 @@ def backends(mode: str, home: Path) -> Iterator[dict[str, str]]:
             "TRICKSERVE_BROKER_URL": "filesystem://",
         }
         return
+    with postgres_database() as url, private_redis() as broker:
+        yield {"TRICKSERVE_DATABASE_URL": url, "TRICKSERVE_BROKER_URL": broker, "TRICKSERVE_REDIS_URL": broker}
+
+
+@contextmanager
+def private_redis() -> Iterator[str]:
+    """A Redis database number no one else uses (the tests' lock key claims it), emptied afterwards: another run
+    on the same Redis must not take this run's messages, nor flush them."""
     import redis
 
-    redis.Redis.from_url(REDIS).flushdb()
-    with postgres_database() as url:
-        yield {"TRICKSERVE_DATABASE_URL": url, "TRICKSERVE_BROKER_URL": REDIS, "TRICKSERVE_REDIS_URL": REDIS}
+    for db in random.sample(range(1, 16), 15):
+        client = redis.Redis.from_url(f"{REDIS}/{db}")
+        if not client.set(REDIS_LOCK, secrets.token_hex(8), nx=True, ex=3600):
+            continue
+        if client.dbsize() != 1:  # someone's data: leave it alone
+            client.delete(REDIS_LOCK)
+            continue
+        try:
+            yield f"{REDIS}/{db}"
+        finally:
+            client.flushdb()
+        return
+    raise RuntimeError(f"no free database number on {REDIS}")
 
 
 @contextmanager
