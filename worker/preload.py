@@ -1,6 +1,6 @@
 """What a job's process imports, imported once by the worker's main process before it forks pool processes.
 
-Every job runs in a fresh process forked from the main one (worker/pool.py), and starts with whatever the main
+Every job runs in a fresh process forked from the main one (worker/prefork.py), and starts with whatever the main
 process has imported, shared copy-on-write, instead of importing it again: about 1.5 s a job, most of it torch's
 compiler stack, which torch.optim loads when a job builds its first optimizer. Imports only: the main process runs
 no torch code, so it never initialises CUDA and forking stays safe. Then it freezes what it has (`gc.freeze`): the

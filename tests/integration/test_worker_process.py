@@ -36,7 +36,7 @@ def test_job_submitted_through_core_runs_to_success(service, start_worker):
 def test_each_job_runs_in_a_fresh_process_forked_warm_and_replaced_at_once(service, start_worker):
     # Two jobs queued on one worker: each runs in a process of its own, forked from a main process that imported
     # the engine before any job, and the pool replaced the first job's process as soon as it had exited
-    # (worker/pool.py logs it), rather than on its maintenance timer.
+    # (worker/prefork.py logs it), rather than on its maintenance timer.
     queued = [service.enqueue_new(make_spec()) for _ in range(2)]
     worker = start_worker()
     done = sorted((service.wait_terminal(job.job_id, worker) for job in queued), key=lambda job: job.started_at)

@@ -16,7 +16,7 @@ from billiard.exceptions import RestartFreqExceeded
 from billiard.pool import CLOSE, RUN
 from celery.concurrency import asynpool
 
-from worker import pool
+from worker import prefork
 
 
 @dataclass(eq=False)
@@ -43,10 +43,10 @@ class Hub:
         return delays
 
 
-def evented_pool(monkeypatch: pytest.MonkeyPatch, reapable_from: int) -> tuple[pool.AsynPool, Proc, list[int]]:
+def evented_pool(monkeypatch: pytest.MonkeyPatch, reapable_from: int) -> tuple[prefork.AsynPool, Proc, list[int]]:
     """Our AsynPool, not started, with one process that exited and that a reap finds gone from the `reapable_from`-th
     try; returns the pool, the process and the list of reap calls."""
-    evented = object.__new__(pool.AsynPool)
+    evented = object.__new__(prefork.AsynPool)
     exited, replacement = Proc(101, exitcode=155), Proc(102)
     evented._pool, evented._state = [exited], RUN
     calls: list[int] = []
@@ -65,7 +65,7 @@ def evented_pool(monkeypatch: pytest.MonkeyPatch, reapable_from: int) -> tuple[p
 def test_a_process_reaped_at_its_sentinel_is_replaced_without_a_retry(monkeypatch, caplog):
     evented, exited, calls = evented_pool(monkeypatch, reapable_from=1)
     hub = Hub()
-    with caplog.at_level(logging.INFO, logger="worker.pool"):
+    with caplog.at_level(logging.INFO, logger="worker.prefork"):
         evented._event_process_exit(hub, exited)
     assert calls == [1] and hub.later == []
     assert "pool process 101 ended (exit code 155); 102 takes the next job" in caplog.text
@@ -74,17 +74,17 @@ def test_a_process_reaped_at_its_sentinel_is_replaced_without_a_retry(monkeypatc
 def test_a_process_not_yet_reapable_at_its_sentinel_is_reaped_by_retries_not_left_to_the_timer(monkeypatch, caplog):
     evented, exited, calls = evented_pool(monkeypatch, reapable_from=4)
     hub = Hub()
-    with caplog.at_level(logging.INFO, logger="worker.pool"):
+    with caplog.at_level(logging.INFO, logger="worker.prefork"):
         evented._event_process_exit(hub, exited)
         delays = hub.run()
-    assert len(calls) == 4 and delays == [pool.REAP_RETRY_S] * 3  # and no retry once it is gone
+    assert len(calls) == 4 and delays == [prefork.REAP_RETRY_S] * 3  # and no retry once it is gone
     assert [p.pid for p in evented._pool] == [102]
     assert "pool process 101 ended" in caplog.text
 
 
 def test_retries_stop_when_the_pool_closes_or_after_their_limit(monkeypatch):
     evented, exited, calls = evented_pool(monkeypatch, reapable_from=10**6)
-    monkeypatch.setattr(pool, "REAP_TRIES", 5)
+    monkeypatch.setattr(prefork, "REAP_TRIES", 5)
     hub = Hub()
     evented._event_process_exit(hub, exited)
     assert len(hub.run()) == 5 and len(calls) == 6  # then the pool's own maintenance timer takes over
@@ -115,7 +115,7 @@ class ThreadedPool:
 
 
 def test_supervisor_replaces_an_exited_process_and_keeps_the_steady_restart_limit(monkeypatch, caplog):
-    monkeypatch.setattr(pool, "MAINTAIN_S", 0.001)
+    monkeypatch.setattr(prefork, "MAINTAIN_S", 0.001)
 
     def maintain(threaded: ThreadedPool) -> None:
         if threaded.calls == 30:  # past the start-up burst
@@ -124,16 +124,16 @@ def test_supervisor_replaces_an_exited_process_and_keeps_the_steady_restart_limi
             threaded._state = CLOSE
 
     threaded = ThreadedPool(maintain)
-    with caplog.at_level(logging.INFO, logger="worker.pool"):
-        pool.Supervisor(threaded).body()
+    with caplog.at_level(logging.INFO, logger="worker.prefork"):
+        prefork.Supervisor(threaded).body()
     assert threaded.calls == 40 and threaded.restart_state is threaded.steady and not threaded.closed
     assert caplog.text.count("pool process 201 ended (exit code 155); 202 takes the next job") == 1
 
 
 def test_supervisor_stops_a_pool_whose_processes_die_at_start(monkeypatch):
     # As billiard's own supervisor: a burst under a strict restart limit, so a broken pool does not restart forever.
-    monkeypatch.setattr(pool, "MAINTAIN_S", 0.001)
+    monkeypatch.setattr(prefork, "MAINTAIN_S", 0.001)
     threaded = ThreadedPool(lambda p: p.restart_state.step())  # every pass restarts a process that died at once
     with pytest.raises(RestartFreqExceeded):
-        pool.Supervisor(threaded).body()
+        prefork.Supervisor(threaded).body()
     assert threaded.closed and threaded.calls <= 11
