@@ -16,7 +16,9 @@ says what to do, and the reaper re-sends whatever a lost or duplicated message w
 - Pool: prefork with one process (`-c 1`) and `worker_max_tasks_per_child=1`, in production and embedded mode
   alike. Every job gets a fresh child process, which returns its memory and CUDA context to the system; a job
   that crashes its process takes only that child down; the parent never touches CUDA, so forking stays safe.
-  Scale out with more worker processes (one per GPU), not with `-c`.
+  Scale out with more worker processes (one per GPU), not with `-c`. The pool is Celery's prefork pool, which
+  replaces the exited process at once (worker/prefork.py), so the next job starts at once; the parent imports what a
+  job needs before it forks (worker/preload.py), so a job's process starts warm.
 - Queues: `cpu` and `gpu` carry `run_job` (sent explicitly by `send_run_job`); Celery's default queue `celery` carries
   `submit_job` and `reap`, so another service can submit with a bare `send_task`. Every worker consumes `celery`
   besides its -Q queues (default `cpu`); GPU workers run with `-Q gpu` (or `cpu,gpu`). A submission waits while a
@@ -126,7 +128,7 @@ def create_app(settings: Settings) -> WorkerApp:
         task_routes={RUN_TASK: {"queue": "cpu"}},
         worker_prefetch_multiplier=1,
         worker_concurrency=1,
-        worker_pool="prefork",
+        worker_pool="worker.prefork:TaskPool",  # prefork, replacing a job's process as soon as it has exited
         worker_max_tasks_per_child=1,
         # After a pool process dies (OOM killer, segfault) the worker waits this long for a result it might have
         # sent before reporting WorkerLostError, and takes no job meanwhile (default 10 s). Results are ignored and

@@ -3,6 +3,7 @@ and production (a new PostgreSQL database + Redis on a database number of its ow
 
 from __future__ import annotations
 
+import re
 import secrets
 import time
 from pathlib import Path
@@ -15,7 +16,7 @@ from core import jobs
 from core.models import Job
 from tests.factories import TENANT, make_spec, slow_spec, wait_for
 from tests.integration.conftest import _private_redis_db
-from worker import celery_app
+from worker import celery_app, preload
 
 pytestmark = pytest.mark.integration
 __all__ = ["_private_redis_db"]  # tests/integration/test_service_e2e.py imports it from here
@@ -30,6 +31,21 @@ def test_job_submitted_through_core_runs_to_success(service, start_worker):
     assert done.final_metrics["test/acc"] > 0.5 and Path(done.model_path).is_file()
     with service.session(read_only=True) as session:
         assert len(jobs.list_events(session, job.job_id, kinds=["epoch_end"])) == 3
+
+
+def test_each_job_runs_in_a_fresh_process_forked_warm_and_replaced_at_once(service, start_worker):
+    # Two jobs queued on one worker: each runs in a process of its own, forked from a main process that imported
+    # the engine before any job, and the pool replaced the first job's process as soon as it had exited
+    # (worker/prefork.py logs it), rather than on its maintenance timer.
+    queued = [service.enqueue_new(make_spec()) for _ in range(2)]
+    worker = start_worker()
+    done = sorted((service.wait_terminal(job.job_id, worker) for job in queued), key=lambda job: job.started_at)
+    assert [job.status for job in done] == ["succeeded", "succeeded"]
+    first, second = (int(job.lease_owner.rsplit("/", 1)[1]) for job in done)
+    assert first != second and worker.proc.pid not in (first, second)
+    log = worker.log(tail=None)
+    assert log.index(f"preloaded {', '.join(preload.MODULES)}") < log.index("claimed by")
+    assert re.search(rf"pool process {first} ended \(exit code \d+\); {second} takes the next job", log), log
 
 
 def test_job_submitted_with_only_send_task_runs_the_same(service, start_worker):
