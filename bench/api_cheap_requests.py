@@ -16,7 +16,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import socket
 import statistics
 import subprocess
 import sys
@@ -30,6 +29,7 @@ from datetime import datetime
 from pathlib import Path
 
 import httpx
+from common import free_port, wait_ready
 
 HERE = Path(__file__).resolve().parents[1]
 TICKS = os.sysconf("SC_CLK_TCK")
@@ -75,14 +75,15 @@ def service(repo: Path) -> Iterator[Service]:
     keys = subprocess.run([*cli, "keys", "create", "--tenant", "bench"], cwd=repo, env=env, capture_output=True,
                           text=True, check=True)  # fmt: skip
     headers = {"Authorization": f"Bearer {keys.stdout.strip().splitlines()[-1]}"}
-    port = _free_port()
+    port = free_port()
     quiet = {"cwd": repo, "env": env, "stdout": subprocess.DEVNULL, "stderr": subprocess.DEVNULL}
     api = subprocess.Popen([*cli, "api", "--port", str(port)], **quiet)  # type: ignore[call-overload]
     worker = subprocess.Popen([sys.executable, "-m", "celery", "-A", "worker.main", "worker", "-Q", "cpu,gpu", "-c",
                                "1", "--loglevel", "WARNING", "-n", f"bench-{port}@%h"], **quiet)  # fmt: skip
     try:
         base = f"http://127.0.0.1:{port}"
-        _wait_ready(base)
+        wait_ready(base)
+        time.sleep(2)  # let the worker connect to the broker
         yield Service(repo, base, headers, api.pid)
     finally:
         for process in (api, worker):
@@ -208,24 +209,6 @@ def main() -> None:
 
 def _median(xs: list[float]) -> float:
     return statistics.median(xs) if xs else float("nan")
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(base: str) -> None:
-    for _ in range(150):
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                time.sleep(2)  # let the worker connect to the broker
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the API did not start")
 
 
 if __name__ == "__main__":

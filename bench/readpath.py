@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -33,7 +31,6 @@ from pathlib import Path
 from typing import Any
 
 import httpx
-import sqlalchemy as sa
 
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))  # the checkout this file belongs to, whatever copy of the project is installed
@@ -44,11 +41,12 @@ try:
     from core import metrics
 except ImportError:  # a checkout from before the metric store, measured for comparison
     metrics = None
+from common import free_port, postgres_database, wait_ready  # noqa: E402
+
 from core.db import Database, init_db  # noqa: E402
 from core.engine.events import METRIC_KINDS  # noqa: E402
 from core.spec import JobSpec  # noqa: E402
 
-PG_ADMIN = os.environ.get("TRICKSERVE_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 TENANT = "bench"
 STEPS_PER_EPOCH = 50
 PAGE = {"names": "val/loss", "limit": 1000}
@@ -86,13 +84,13 @@ def service(mode: str, epochs: int, workers: int = 1) -> Iterator[Service]:
         db = Database(url)
         key, job_id = _prepare(db, epochs)
         env = {**os.environ, "TRICKSERVE_HOME": str(home), "TRICKSERVE_DATABASE_URL": url}
-        port = _free_port()
+        port = free_port()
         argv = [sys.executable, "-m", "cli.main", "api", "--port", str(port)]
         argv += ["--workers", str(workers)] if workers > 1 else []
         api = subprocess.Popen(argv, cwd=REPO, env=env, stdout=subprocess.DEVNULL, stderr=subprocess.DEVNULL)
         try:
             base = f"http://127.0.0.1:{port}"
-            _wait_ready(base)
+            wait_ready(base)
             time.sleep(3 if workers > 1 else 0)  # the first process answered; let the others start too
             yield Service(mode, base, {"Authorization": f"Bearer {key}"}, db, job_id)
         finally:
@@ -109,16 +107,8 @@ def _database(mode: str, home: Path) -> Iterator[str]:
     if mode == "embedded":
         yield f"sqlite:///{home / 'trickserve.db'}"
         return
-    name = f"trickserve_bench_{secrets.token_hex(4)}"
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as conn:
-        conn.exec_driver_sql(f"CREATE DATABASE {name}")
-    try:
-        yield sa.make_url(PG_ADMIN).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as conn:
-            conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.dispose()
+    with postgres_database() as url:
+        yield url
 
 
 def _prepare(db: Database, epochs: int) -> tuple[str, str]:
@@ -148,23 +138,6 @@ def _epoch(epoch: int) -> list[dict[str, Any]]:
     metrics = {"train/loss": 1 / epoch, "train/acc": 1 - 1 / epoch, "val/loss": 1.1 / epoch,
                "val/acc": 1 - 1.1 / epoch, "lr": 0.01 / (1 + epoch // 100)}  # fmt: skip
     return [*progress, {"kind": "epoch_end", "step": step, "epoch": epoch, "at": at, "data": metrics}]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-def _wait_ready(base: str) -> None:
-    for _ in range(150):
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("the API did not start")
 
 
 # -------------------------------------------------------------------------------------------- measuring

@@ -14,8 +14,6 @@ from __future__ import annotations
 import argparse
 import json
 import os
-import secrets
-import socket
 import statistics
 import subprocess
 import sys
@@ -25,10 +23,9 @@ from contextlib import contextmanager
 from pathlib import Path
 
 import httpx
-import sqlalchemy as sa
+from common import free_port, postgres_database, wait_ready
 
 REPO = Path(__file__).resolve().parents[1]
-PG_ADMIN = os.environ.get("TRICKSERVE_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("TRICKSERVE_BENCH_REDIS_URL", "redis://127.0.0.1:6379/14")
 SPEC = {
     "name": "bench",
@@ -37,25 +34,6 @@ SPEC = {
     "train": {"epochs": 30, "batch_size": 64},
     "resources": {"device": "cpu"},
 }
-
-
-def free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return s.getsockname()[1]
-
-
-@contextmanager
-def postgres_database():
-    name = f"trickserve_bench_{secrets.token_hex(4)}"
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.exec_driver_sql(f"CREATE DATABASE {name}")
-    try:
-        yield sa.make_url(PG_ADMIN).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as c:
-            c.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
 
 
 @contextmanager
@@ -80,7 +58,7 @@ def service(mode: str):
         ]
         try:
             base = f"http://127.0.0.1:{port}"
-            _wait_ready(base)
+            wait_ready(base)
             time.sleep(3)  # let the worker connect
             yield base, headers
         finally:
@@ -105,17 +83,6 @@ def _prepare(env: dict[str, str]) -> dict[str, str]:
     out = subprocess.run([*trickserve, "keys", "create", "--tenant", "bench"], cwd=REPO, env=env,
                          capture_output=True, text=True, check=True)
     return {"Authorization": f"Bearer {out.stdout.strip().splitlines()[-1]}"}
-
-
-def _wait_ready(base: str) -> None:
-    for _ in range(100):
-        try:
-            if httpx.get(f"{base}/healthz", timeout=1).status_code == 200:
-                return
-        except httpx.TransportError:
-            pass
-        time.sleep(0.2)
-    raise RuntimeError("API did not start")
 
 
 def submit_to_running(c: httpx.Client, n: int) -> tuple[list[float], str]:

@@ -33,9 +33,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-import sqlalchemy as sa  # noqa: E402
+from common import postgres_database  # noqa: E402
 
-PG_ADMIN = os.environ.get("TRICKSERVE_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 REDIS = os.environ.get("TRICKSERVE_BENCH_REDIS_URL", "redis://127.0.0.1:6379")  # a server: a run claims a database
 REDIS_LOCK = "trickserve-test:lock"  # the key by which the tests and benchmarks claim a Redis database number
 TERMINAL = ("succeeded", "early_stopped", "failed", "cancelled")
@@ -54,20 +53,6 @@ def spec(dataset: str) -> dict:
         "train": {"epochs": 2, "batch_size": 128, "progress_interval_s": 0.001},
         "resources": {"device": "cpu"},
     }
-
-
-@contextmanager
-def postgres_database() -> Iterator[str]:
-    name = f"trickserve_bench_{secrets.token_hex(4)}"
-    admin = sa.create_engine(PG_ADMIN, isolation_level="AUTOCOMMIT")
-    with admin.connect() as c:
-        c.exec_driver_sql(f"CREATE DATABASE {name}")
-    try:
-        yield sa.make_url(PG_ADMIN).set(database=name).render_as_string(hide_password=False)
-    finally:
-        with admin.connect() as c:
-            c.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
-        admin.dispose()
 
 
 @contextmanager

@@ -24,24 +24,21 @@ import asyncio
 import json
 import os
 import resource
-import socket
 import statistics
 import subprocess
 import sys
 import tempfile
 import threading
 import time
-import uuid
 from collections.abc import Iterator
 from contextlib import ExitStack, contextmanager
 from dataclasses import dataclass, field
 from pathlib import Path
 
-import psycopg
 import redis
+from common import free_port, postgres_database, wait_ready
 
 HERE = Path(__file__).resolve().parents[1]
-PG_ADMIN = os.environ.get("TRICKSERVE_BENCH_POSTGRES", "postgresql://postgres@127.0.0.1:5432/test")
 REDIS_URL = os.environ.get("TRICKSERVE_BENCH_REDIS", "redis://127.0.0.1:6379/14")
 SPEC = {"name": "viewed", "data": {"dataset": "builtin:synthetic"}, "train": {"epochs": 1000}}
 TENANTS = 10
@@ -130,11 +127,11 @@ def running_api(checkout: Checkout, mode: str) -> Iterator[Api]:
             out = subprocess.run([*cli, "keys", "create", "--tenant", f"viewers{t}"], cwd=repo, env=env,
                                  capture_output=True, text=True, check=True)  # fmt: skip
             keys.append(out.stdout.strip().splitlines()[-1])
-        port = _free_port()
+        port = free_port()
         log = open(home / "api.log", "w")  # noqa: SIM115 - closed with the process
         api = subprocess.Popen([*cli, "api", "--port", str(port)], cwd=repo, env=env, stdout=log, stderr=log)
         try:
-            _wait_ready(port)
+            wait_ready(f"http://127.0.0.1:{port}")
             yield Api(checkout, mode, port, api.pid, env, keys)
         finally:
             api.terminate()
@@ -151,23 +148,13 @@ def _database(mode: str, env: dict[str, str]) -> Iterator[None]:
     if mode == "embedded":
         yield
         return
-    name = f"bench_{uuid.uuid4().hex[:12]}"
-    with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-        admin.execute(f'CREATE DATABASE "{name}"')
     redis.Redis.from_url(REDIS_URL).flushdb()
-    env.update(
-        TRICKSERVE_DATABASE_URL=PG_ADMIN.rsplit("/", 1)[0].replace("postgresql://", "postgresql+psycopg://")
-        + "/"
-        + name,
-        TRICKSERVE_REDIS_URL=REDIS_URL,
-        TRICKSERVE_BROKER_URL=REDIS_URL,
-    )
-    try:
-        yield
-    finally:
-        with psycopg.connect(PG_ADMIN, autocommit=True) as admin:
-            admin.execute(f'DROP DATABASE "{name}" WITH (FORCE)')
-        redis.Redis.from_url(REDIS_URL).flushdb()
+    with postgres_database() as url:
+        env.update(TRICKSERVE_DATABASE_URL=url, TRICKSERVE_REDIS_URL=REDIS_URL, TRICKSERVE_BROKER_URL=REDIS_URL)
+        try:
+            yield
+        finally:
+            redis.Redis.from_url(REDIS_URL).flushdb()
 
 
 def scenario(api: Api, name: str, viewers: int, tenants: int, args: argparse.Namespace) -> None:
@@ -322,23 +309,6 @@ def _quantile(values: list[float], q: float) -> float:
         return float("nan")
     values = sorted(values)
     return values[min(len(values) - 1, int(q * len(values)))]
-
-
-def _free_port() -> int:
-    with socket.socket() as s:
-        s.bind(("127.0.0.1", 0))
-        return int(s.getsockname()[1])
-
-
-def _wait_ready(port: int) -> None:
-    deadline = time.monotonic() + 60
-    while time.monotonic() < deadline:
-        try:
-            with socket.create_connection(("127.0.0.1", port), timeout=1):
-                return
-        except OSError:
-            time.sleep(0.2)
-    raise RuntimeError(f"the API did not listen on {port}")
 
 
 def main() -> None:
