@@ -13,6 +13,7 @@ from starlette.concurrency import run_in_threadpool
 from api.auth import current_tenant
 from api.errors import ApiError, problem
 from core import jobs
+from core.artifacts import Store
 from core.config import Settings
 from core.dispatch import Send
 from core.models import Job
@@ -24,6 +25,13 @@ def get_settings(request: Request) -> Settings:
 
 
 SettingsDep = Annotated[Settings, Depends(get_settings)]
+
+
+def get_store(request: Request) -> Store:
+    return request.app.state.store
+
+
+StoreDep = Annotated[Store, Depends(get_store)]
 
 
 async def read_session(request: Request) -> AsyncIterator[Session]:

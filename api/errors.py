@@ -18,6 +18,7 @@ from starlette.exceptions import HTTPException
 from starlette.requests import ClientDisconnect
 from starlette.routing import Match
 
+from core.artifacts import StorageError
 from core.datasets import StorageQuotaExceeded
 from core.jobs import IdempotencyConflict, IllegalTransition, InvalidCursor, JobNotFound
 from core.spec import SpecError, spec_errors
@@ -157,6 +158,16 @@ async def _disk_or_internal(request: Request, exc: Exception) -> JSONResponse:
     return await _api_error(request, storage_full(f"{what}; try again once space is freed", retry_after_s))
 
 
+async def _storage_error(request: Request, exc: StorageError) -> JSONResponse:
+    """The artifact store refused or did not answer (after its retries): 507 when its disk is full, else 503."""
+    if is_disk_full(exc):
+        return await _disk_or_internal(request, exc)
+    log.warning("artifact store on %s %s: %s", request.method, request.url.path, exc)
+    headers = {"Retry-After": str(request.app.state.settings.retry_after_s)}
+    message = "the artifact store is unavailable; try again later"
+    return await _api_error(request, ApiError(503, "storage_unavailable", message, headers=headers))
+
+
 class _OncePerMinute:
     """Logs a recurring condition once, then at most once a minute with how often it happened meanwhile."""
 
@@ -215,6 +226,7 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(JobNotFound, _simple(404, "not_found", lambda exc: f"no job {exc}"))
     app.add_exception_handler(InvalidCursor, _simple(400, "invalid_cursor"))
     app.add_exception_handler(StorageFull, _storage_full)
+    app.add_exception_handler(StorageError, _storage_error)
     app.add_exception_handler(OSError, _disk_or_internal)
     app.add_exception_handler(OperationalError, _disk_or_internal)
     app.add_exception_handler(PoolTimeout, _database_busy)

@@ -21,6 +21,7 @@ from api.reads import QuickReads
 from api.routes import include_routers, upload_limits
 from api.slots import StreamSlots
 from api.uploads import keep_sweeping_stale_uploads, sweep_stale_uploads
+from core.artifacts import open_store
 from core.config import Settings
 from core.db import Database
 from core.dispatch import Send
@@ -49,6 +50,7 @@ def create_app(settings: Settings, *, send: Send) -> FastAPI:
     app.state.settings = settings
     app.state.send = send
     app.state.db = db
+    app.state.store = open_store(settings)
     app.state.sessions = db.sessions
     app.state.read_sessions = db.read_sessions
     app.state.quick_reads = QuickReads(db, settings)

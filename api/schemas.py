@@ -199,6 +199,7 @@ class DatasetPublic(Public):
     name: str
     filename: str
     size_bytes: int
+    sha256: str | None = Field(description="of the file as uploaded; null for datasets uploaded before it was kept")
     description: DatasetDescription
     created_at: datetime
 
@@ -209,6 +210,7 @@ class DatasetPublic(Public):
             name=row.name,
             filename=row.filename,
             size_bytes=row.size_bytes,
+            sha256=row.sha256,
             description=DatasetDescription.model_validate(row.description),
             created_at=row.created_at,
         )

@@ -4,6 +4,7 @@ the temporary files an API stopped mid-upload left behind are swept."""
 from __future__ import annotations
 
 import asyncio
+import hashlib
 import logging
 import os
 import tempfile
@@ -27,11 +28,12 @@ MAX_PARTS = 8
 
 @dataclass
 class Upload:
-    """A received file (a temporary file the caller moves or deletes) and the form's text fields."""
+    """A received file (a temporary file the caller moves or deletes), its sha256, and the form's text fields."""
 
     path: Path
     filename: str
     size_bytes: int
+    sha256: str
     fields: dict[str, str] = field(default_factory=dict)
 
 
@@ -93,6 +95,7 @@ class _Parts:
         self.path: Path | None = None
         self.filename = ""
         self.size = 0
+        self.digest = hashlib.sha256()
         self.ended = False
         self._file: IO[bytes] | None = None
         self._in_file = False
@@ -153,6 +156,7 @@ class _Parts:
                 mib = self.max_bytes / 2**20
                 raise ApiError(413, "payload_too_large", f"the file is larger than the limit of {mib:g} MiB")
             self._file.write(data[start:end])
+            self.digest.update(data[start:end])
             self._file.flush()  # the file's mtime then tells the stale-upload sweep that this upload is alive
             return
         self._text += data[start:end]
@@ -178,7 +182,7 @@ class _Parts:
             details = [problem(self.file_field, "field required", "missing")]
             raise ApiError(422, "invalid_request", f"no `{self.file_field}` part in the form", details)
         self.close()
-        return Upload(self.path, self.filename, self.size, self.fields)
+        return Upload(self.path, self.filename, self.size, self.digest.hexdigest(), self.fields)
 
     def close(self) -> None:
         if self._file is not None:

@@ -38,6 +38,36 @@ class Settings(BaseSettings):
     dataset_dir: Path = Field(
         default_factory=lambda f: f["home"] / "datasets", description="uploaded datasets; default {home}/datasets"
     )
+    storage_url: str | None = Field(
+        default=None,
+        description="where datasets, checkpoints and models live: a folder (a path or file:///path; a shared "
+        "filesystem such as NFS when workers run on other machines) holding datasets/ and artifacts/, or "
+        "s3://bucket/prefix for any S3-compatible store (credentials from the usual AWS_* variables); default "
+        "dataset_dir and artifact_dir",
+    )
+    s3_endpoint_url: str | None = Field(
+        default=None, description="the S3 endpoint of a store other than AWS (MinIO, Ceph, R2): http(s)://host:port"
+    )
+    storage_presign_s: int = Field(
+        default=0,
+        ge=0,
+        le=7 * 24 * 3600,
+        description="S3: model downloads redirect (307) to a presigned URL valid this long (s), so the bytes do not "
+        "pass through the API; 0 streams them through the API",
+    )
+    storage_retry_s: float = Field(
+        default=30.0,
+        gt=0,
+        le=3600,
+        description="how long a storage outage is retried, with backoff, before the upload, the download or the "
+        "attempt fails (s)",
+    )
+    dataset_cache_mb: int = Field(
+        default=4096,
+        ge=0,
+        description="S3: datasets a worker keeps on its own disk (in cache_dir), keyed by content hash, the least "
+        "recently used evicted past this size (MiB)",
+    )
     cache_dir: Path = Field(
         default_factory=lambda f: f["home"] / "cache",
         description="built-in datasets, made once and kept as arrays for every later job; default {home}/cache",

@@ -1,5 +1,5 @@
-"""Uploaded datasets: store, find and list a tenant's dataset rows (the files live under settings.dataset_dir), and
-sweep the temporary files that interrupted uploads left behind."""
+"""Uploaded datasets: store, find and list a tenant's dataset rows (the files live in the artifact store, under
+`Dataset.key`), and sweep the temporary files that interrupted uploads left behind."""
 
 from __future__ import annotations
 
@@ -15,7 +15,7 @@ from core.db import committing
 from core.jobs import decode_cursor, encode_cursor
 from core.models import Dataset
 
-UPLOAD_TEMP_PREFIX = ".upload-"  # an upload being received: `{dataset_dir}/{tenant}/.upload-*`
+UPLOAD_TEMP_PREFIX = ".upload-"  # an upload being received by an API process: `{dataset_dir}/{tenant}/.upload-*`
 
 
 class StorageQuotaExceeded(Exception):
@@ -33,12 +33,13 @@ def create_dataset(
     dataset_id: str,
     name: str,
     filename: str,
-    path: str,
+    key: str,
+    sha256: str,
     size_bytes: int,
     description: dict[str, Any],
     max_storage_bytes: int | None = None,
 ) -> Dataset:
-    """Store a validated upload whose file is already at `path`; commits. Raises StorageQuotaExceeded when the
+    """Record a validated upload already stored under `key`; commits. Raises StorageQuotaExceeded when the
     tenant's datasets would then hold more than `max_storage_bytes`: checked in the inserting transaction, with the
     tenant locked, so that concurrent uploads cannot all pass it."""
     dataset = Dataset(
@@ -46,7 +47,8 @@ def create_dataset(
         tenant_id=tenant_id,
         name=name,
         filename=filename,
-        path=path,
+        key=key,
+        sha256=sha256,
         size_bytes=size_bytes,
         description=description,
     )

@@ -80,7 +80,7 @@ class Claim:
     job_id: str
     attempt: int
     spec: dict[str, Any]
-    checkpoint_path: str | None  # resume from here when set
+    checkpoint_key: str | None  # resume from the checkpoint stored here when set
     checkpoint_step: int | None
     lease_expires_at: datetime
 
@@ -194,7 +194,7 @@ def claim_job(*, session: Session, job_id: str, worker_id: str, lease_s: float) 
         _transition(session, job, JobStatus.running, reason=f"claimed by {worker_id}{resume}", now=now)
         job.lease_owner, job.lease_expires_at, job.heartbeat_at = worker_id, now + timedelta(seconds=lease_s), now
         job.started_at = job.started_at or now
-        return Claim(job.job_id, job.attempt, job.spec, job.checkpoint_path, job.checkpoint_step, job.lease_expires_at)
+        return Claim(job.job_id, job.attempt, job.spec, job.checkpoint_key, job.checkpoint_step, job.lease_expires_at)
 
 
 def heartbeat(*, session: Session, job_id: str, attempt: int, lease_s: float) -> HeartbeatResult:
@@ -224,27 +224,27 @@ def record_events(*, session: Session, job_id: str, attempt: int, events: Sequen
 
 
 def set_checkpoint(
-    *, session: Session, job_id: str, attempt: int, path: str, step: int, size_bytes: int | None = None
+    *, session: Session, job_id: str, attempt: int, key: str, step: int, size_bytes: int | None = None
 ) -> bool:
-    """Point the job at a checkpoint its current attempt has written (atomically); a retry resumes from it."""
+    """Point the job at a checkpoint its current attempt has stored (whole) under `key`; a retry resumes from it."""
     with committing(session):
         job = _fenced(session, job_id, attempt)
         if job is None:
             return False
-        job.checkpoint_path, job.checkpoint_step = path, step
-        _put_artifact(session, job, ArtifactKind.checkpoint, path, size_bytes)
+        job.checkpoint_key, job.checkpoint_step = key, step
+        _put_artifact(session, job, ArtifactKind.checkpoint, key, size_bytes)
     return True
 
 
 def record_artifact(
-    *, session: Session, job_id: str, attempt: int, kind: ArtifactKind | str, path: str, size_bytes: int | None = None
+    *, session: Session, job_id: str, attempt: int, kind: ArtifactKind | str, key: str, size_bytes: int | None = None
 ) -> bool:
-    """Register a file the current attempt wrote (e.g. the resolved spec next to the model)."""
+    """Register a file the current attempt stored (e.g. the resolved spec next to the model)."""
     with committing(session):
         job = _fenced(session, job_id, attempt)
         if job is None:
             return False
-        _put_artifact(session, job, ArtifactKind(kind), path, size_bytes)
+        _put_artifact(session, job, ArtifactKind(kind), key, size_bytes)
     return True
 
 
@@ -259,7 +259,8 @@ def finish_job(
     failure_message: str | None = None,
     final_metrics: dict[str, Any] | None = None,
     best_metrics: dict[str, Any] | None = None,
-    model_path: str | None = None,
+    model_key: str | None = None,
+    model_bytes: int | None = None,
 ) -> bool:
     """End the job with a terminal status, if `attempt` still holds it; False (nothing changed) otherwise."""
     status = JobStatus(status)
@@ -279,9 +280,9 @@ def finish_job(
             job.final_metrics = _json_safe(final_metrics)
         if best_metrics is not None:
             job.best_metrics = _json_safe(best_metrics)
-        if model_path is not None:
-            job.model_path = model_path
-            _put_artifact(session, job, ArtifactKind.model, model_path, None)
+        if model_key is not None:
+            job.model_key = model_key
+            _put_artifact(session, job, ArtifactKind.model, model_key, model_bytes)
     return True
 
 
@@ -562,12 +563,12 @@ def _json_safe(value: Any) -> Any:
     return value
 
 
-def _put_artifact(session: Session, job: Job, kind: ArtifactKind, path: str, size_bytes: int | None) -> None:
-    # One row per file: a checkpoint rewritten in place updates its row.
-    query = select(Artifact).where(Artifact.job_id == job.job_id, Artifact.kind == kind, Artifact.path == path)
+def _put_artifact(session: Session, job: Job, kind: ArtifactKind, key: str, size_bytes: int | None) -> None:
+    # One row per object: a checkpoint slot stored again updates its row.
+    query = select(Artifact).where(Artifact.job_id == job.job_id, Artifact.kind == kind, Artifact.key == key)
     artifact = session.scalar(query)
     if artifact is None:
-        session.add(Artifact(job_id=job.job_id, attempt=job.attempt, kind=kind, path=path, size_bytes=size_bytes))
+        session.add(Artifact(job_id=job.job_id, attempt=job.attempt, kind=kind, key=key, size_bytes=size_bytes))
     else:
         artifact.attempt, artifact.size_bytes, artifact.created_at = job.attempt, size_bytes, utcnow()
 

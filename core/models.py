@@ -91,6 +91,7 @@ class FailureClass(enum.StrEnum):
     worker_lost = "worker_lost"
     out_of_memory = "out_of_memory"
     disk_full = "disk_full"
+    storage = "storage"
     internal = "internal"
 
 
@@ -199,9 +200,9 @@ class Job(Base):
     failure_message: Mapped[str | None] = mapped_column(Text)
     best_metrics: Mapped[dict[str, Any] | None]
     final_metrics: Mapped[dict[str, Any] | None]
-    checkpoint_path: Mapped[str | None] = mapped_column(String(1024))
+    checkpoint_key: Mapped[str | None] = mapped_column(String(1024))  # keys in the artifact store (core.artifacts)
     checkpoint_step: Mapped[int | None]
-    model_path: Mapped[str | None] = mapped_column(String(1024))
+    model_key: Mapped[str | None] = mapped_column(String(1024))
 
 
 class JobEvent(Base):
@@ -294,7 +295,8 @@ class Dataset(Base):
     tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.tenant_id", ondelete="CASCADE"))
     name: Mapped[str] = mapped_column(String(200))
     filename: Mapped[str] = mapped_column(String(255))
-    path: Mapped[str] = mapped_column(String(1024))
+    key: Mapped[str] = mapped_column(String(1024))  # in the artifact store (core.artifacts)
+    sha256: Mapped[str | None] = mapped_column(String(64))  # of the file as uploaded; None for rows from before 0004
     size_bytes: Mapped[int] = mapped_column(BigInteger)
     description: Mapped[dict[str, Any]] = mapped_column(default=dict)  # shape, classes, counts...
     created_at: Mapped[datetime] = mapped_column(default=utcnow)
@@ -307,6 +309,6 @@ class Artifact(Base):
     job_id: Mapped[str] = mapped_column(ForeignKey("job.job_id", ondelete="CASCADE"), index=True)
     attempt: Mapped[int]
     kind: Mapped[ArtifactKind] = mapped_column(_enum(ArtifactKind, "kind"))
-    path: Mapped[str] = mapped_column(String(1024))
+    key: Mapped[str] = mapped_column(String(1024))
     size_bytes: Mapped[int | None] = mapped_column(BigInteger)
     created_at: Mapped[datetime] = mapped_column(default=utcnow)

@@ -140,7 +140,7 @@ def check_references(session: Session, tenant_id: str, spec: JobSpec) -> None:
         source = jobs.get_job(session, tenant_id, spec.transfer.from_job)
         if source is None:
             errors.append(_error("transfer.from_job", f"no job {spec.transfer.from_job}"))
-        elif source.model_path is None:
+        elif source.model_key is None:
             message = f"job {source.job_id} has no trained model (it is {source.status})"
             errors.append(_error("transfer.from_job", message))
     if errors:

@@ -20,6 +20,7 @@ from fastapi.testclient import TestClient
 from sqlalchemy.orm import Session, sessionmaker
 
 from core import jobs, tenants
+from core.artifacts import open_store
 from core.config import Settings
 from core.db import Database
 from core.engine.events import METRIC_KINDS, is_metric_name, is_metric_value
@@ -157,6 +158,12 @@ class Backend:
     def events(self, job_id: str, *kinds: str) -> list[JobEvent]:
         with self.session(read_only=True) as session:
             return jobs.list_events(session, job_id, kinds=list(kinds) or None, limit=100_000)
+
+    def stored_file(self, key: str) -> Path:
+        """The file of a stored key (the default store: the folders of this backend's settings)."""
+        path = open_store(self.settings).local_path(key)
+        assert path is not None and path.is_file(), key
+        return path
 
     def statuses(self, job_id: str) -> list[str]:
         with self.session(read_only=True) as session:

@@ -1,4 +1,5 @@
-"""The engine callback that stores a running attempt's events and checkpoint pointers in the database, fenced."""
+"""The engine callback that stores a running attempt's events in the database and its checkpoints in the artifact
+store, with the database's pointer to them; fenced."""
 
 from __future__ import annotations
 
@@ -12,6 +13,7 @@ from pathlib import Path
 from sqlalchemy.exc import OperationalError
 
 from core import jobs
+from core.artifacts import StorageError, Store, artifact_key, retrying
 from core.db import Database
 from core.engine.callbacks import Callback, Event, RunContext
 from core.engine.events import EventKind
@@ -43,12 +45,15 @@ class DBReporter(Callback):
         attempt: int,
         redis_url: str | None,
         db: Database,
+        store: Store,
+        storage_retry_s: float = 30.0,
         flush_interval_s: float = FLUSH_INTERVAL_S,
     ):
         self.job_id, self.attempt, self.redis_url, self.db = job_id, attempt, redis_url, db
+        self.store, self.storage_retry_s = store, storage_retry_s
         self.flush_interval_s = flush_interval_s
         self.fenced = threading.Event()  # set by a failed write, or by the heartbeat thread when the lease is lost
-        self.checkpoint_path: str | None = None  # the snapshot the database points at, once this attempt stored one
+        self.checkpoint_key: str | None = None  # the stored snapshot the database points at, once this attempt has one
         self._full: BaseException | None = None  # a write the database refused for lack of space (heartbeat thread)
         self._warnings = Throttled(log)
         self._buffer: list[Event] = []
@@ -69,19 +74,33 @@ class DBReporter(Callback):
         self.check()
 
     def on_checkpoint(self, ctx: RunContext, path: str) -> None:
-        """Point the job at a snapshot of the checkpoint just written. The engine rewrites one file in place, so a
-        process killed after the next rewrite but before its pointer is stored would leave the database naming a
-        step that file no longer holds (the retry would skip that stretch of metrics); the pointer names a
-        snapshot instead, which stays as it is until a later pointer has replaced it."""
+        """Store a snapshot of the checkpoint just written, then point the job at it. The engine rewrites one file
+        in place, so a process killed after the next rewrite but before its pointer is stored would leave the
+        database naming a step that file no longer holds (the retry would skip that stretch of metrics); the
+        pointer names a snapshot instead, which stays as it is until a later pointer has replaced it. The pointer
+        moves only once the snapshot is stored whole: while the store is away, the job keeps its last one."""
         self.check()
         snapshot = snapshot_file(Path(path), self._slot)
+        key = artifact_key(self.job_id, self.attempt, snapshot.name)
+        try:
+            retrying(
+                lambda: self.store.put_file(key, snapshot),
+                within_s=self.storage_retry_s,
+                what=f"job {self.job_id}: checkpoint at step {ctx.step}",
+            )
+        except StorageError as exc:
+            kept = "no checkpoint yet" if self.checkpoint_key is None else "the job keeps its last one"
+            message = f"checkpoint at step {ctx.step} not stored ({kept}): {exc}"
+            log.warning("job %s: %s", self.job_id, message)
+            self.add(Event(EventKind.warning, ctx.step, ctx.epoch, {"message": message}))
+            return
         try:
             with self.db.session() as session:
                 ok = jobs.set_checkpoint(
                     session=session,
                     job_id=self.job_id,
                     attempt=self.attempt,
-                    path=str(snapshot),
+                    key=key,
                     step=ctx.step,
                     size_bytes=snapshot.stat().st_size,
                 )
@@ -90,7 +109,7 @@ class DBReporter(Callback):
             return
         if not ok:
             self.fence()
-        self.checkpoint_path = str(snapshot)
+        self.checkpoint_key = key
         self._slot = (self._slot + 1) % CHECKPOINT_SLOTS
 
     def on_train_end(self, ctx: RunContext) -> None:

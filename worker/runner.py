@@ -1,8 +1,11 @@
-"""One attempt of a job: claim it, train it with the engine under a heartbeat, and store the outcome, all fenced."""
+"""One attempt of a job: claim it, fetch its inputs from the artifact store, train it with the engine under a
+heartbeat, store its model and record the outcome, all fenced. The attempt writes to a folder of this machine's
+(`attempt_dir`); what outlives it goes to the store under keys, so that any worker can resume the job."""
 
 from __future__ import annotations
 
 import logging
+import shutil
 import threading
 from collections.abc import Callable
 from dataclasses import dataclass
@@ -14,6 +17,7 @@ from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
 from core import jobs
+from core.artifacts import DatasetCache, ObjectMissing, StorageError, Store, artifact_key, open_store, retrying
 from core.config import Settings
 from core.db import Database
 from core.engine.callbacks import Event, StopFlag
@@ -40,10 +44,11 @@ class Outcome:
     failure_message: str | None = None
     final_metrics: dict[str, Any] | None = None
     best_metrics: dict[str, Any] | None = None
-    model_path: str | None = None
+    model_path: str | None = None  # the local file the engine wrote
+    model_key: str | None = None  # where it is stored
 
 
-def run_job(job_id: str, *, worker_id: str, settings: Settings, db: Database) -> str:
+def run_job(job_id: str, *, worker_id: str, settings: Settings, db: Database, store: Store | None = None) -> str:
     """Run the next attempt of a queued job. Returns the terminal status it ended with, "dropped" when there was
     nothing to claim (a duplicate or stale message), "fenced" when the attempt lost its lease and stopped
     without writing anything more, or "stopped" when the database had no space left to record how it ended."""
@@ -54,18 +59,25 @@ def run_job(job_id: str, *, worker_id: str, settings: Settings, db: Database) ->
         return "dropped"
     log.info("job %s: attempt %d claimed by %s", job_id, claim.attempt, worker_id)
     publish(settings.redis_url, job_id)
-    reporter = DBReporter(job_id=job_id, attempt=claim.attempt, redis_url=settings.redis_url, db=db)
+    store = store or open_store(settings)
+    reporter = DBReporter(
+        job_id=job_id,
+        attempt=claim.attempt,
+        redis_url=settings.redis_url,
+        db=db,
+        store=store,
+        storage_retry_s=settings.storage_retry_s,
+    )
+    folder = attempt_dir(settings, job_id, claim.attempt)
     cancel = StopFlag("cancelled")
     beat = Heartbeat(
         claim, settings, db, on_cancel=cancel.set, on_lost=reporter.fenced.set, on_full=reporter.database_full
     )
     try:
         with beat:
-            outcome = _attempt(claim, settings, db, reporter, cancel)
+            outcome = _attempt(claim, settings, db, store, reporter, cancel)
             if outcome.status == JobStatus.failed:  # before the last writes, which may need the space it frees
-                clean_attempt(
-                    attempt_dir(settings, job_id, claim.attempt), [reporter.checkpoint_path, outcome.model_path]
-                )
+                clean_attempt(folder, [_own_file(store, reporter.checkpoint_key), _own_file(store, outcome.model_key)])
             reporter.flush()  # the last events (the test metrics come after on_train_end)
             _finish(claim, outcome, db)
     except Fenced:
@@ -78,12 +90,17 @@ def run_job(job_id: str, *, worker_id: str, settings: Settings, db: Database) ->
         # (counting the attempt) once the database takes writes again.
         log.error("job %s: attempt %d stopped, the database is full: %s", job_id, claim.attempt, _first_line(exc))
         return "stopped"
+    finally:
+        if not _is_store_folder(store, folder, job_id, claim.attempt):
+            shutil.rmtree(folder, ignore_errors=True)  # scratch: what matters is in the store
     publish(settings.redis_url, job_id)
     log.info("job %s: attempt %d ended %s", job_id, claim.attempt, outcome.status)
     return str(outcome.status)
 
 
-def _attempt(claim: jobs.Claim, settings: Settings, db: Database, reporter: DBReporter, cancel: StopFlag) -> Outcome:
+def _attempt(
+    claim: jobs.Claim, settings: Settings, db: Database, store: Store, reporter: DBReporter, cancel: StopFlag
+) -> Outcome:
     """Train; every error but Fenced and an unreachable database becomes a failed Outcome with a class and a
     one-line message."""
     from core.engine import train  # the trainer pulls in the data loaders: imported when a job runs
@@ -91,17 +108,18 @@ def _attempt(claim: jobs.Claim, settings: Settings, db: Database, reporter: DBRe
     folder = attempt_dir(settings, claim.job_id, claim.attempt)
     try:
         spec = JobSpec.model_validate(claim.spec)
-        data_path, transfer_from = _resolve_inputs(claim.job_id, spec, settings, db)
+        data_path, transfer_from = _resolve_inputs(claim.job_id, spec, settings, db, store, folder)
         _check_device(spec)
         result = train(
             spec,
             [*crash_hooks(claim.job_id, claim.attempt), reporter, cancel],  # crash_hooks: tests only
-            resume_from=_resume_from(claim, reporter),
+            resume_from=_resume_from(claim, reporter, store, settings, folder),
             out_dir=folder,
             data_path=data_path,
             transfer_from=transfer_from,
             cache_dir=settings.cache_dir,
         )
+        return _store_model(outcome_of(result, spec), claim, settings, store)
     except Fenced:
         raise
     except OperationalError as exc:
@@ -110,7 +128,17 @@ def _attempt(claim: jobs.Claim, settings: Settings, db: Database, reporter: DBRe
         return failure(exc, claim.job_id, folder)
     except Exception as exc:  # noqa: BLE001 - the job records why it failed; the worker carries on
         return failure(exc, claim.job_id, folder)
-    return outcome_of(result, spec)
+
+
+def _store_model(outcome: Outcome, claim: jobs.Claim, settings: Settings, store: Store) -> Outcome:
+    """Put the trained weights in the store; the job names them once they are there."""
+    if outcome.model_path is None:
+        return outcome
+    path = Path(outcome.model_path)
+    key = artifact_key(claim.job_id, claim.attempt, path.name)
+    retrying(lambda: store.put_file(key, path), within_s=settings.storage_retry_s, what=f"job {claim.job_id}: model")
+    outcome.model_key = key
+    return outcome
 
 
 def attempt_dir(settings: Settings, job_id: str, attempt: int) -> Path:
@@ -133,25 +161,42 @@ def clean_attempt(folder: Path, keep: list[str | None]) -> None:
             break
 
 
-def _resolve_inputs(job_id: str, spec: JobSpec, settings: Settings, db: Database) -> tuple[str | None, str | None]:
-    """The uploaded dataset file and the transfer source's model file the spec names, checked to be the tenant's."""
+def _resolve_inputs(
+    job_id: str, spec: JobSpec, settings: Settings, db: Database, store: Store, folder: Path
+) -> tuple[str | None, str | None]:
+    """Local files of the uploaded dataset and of the transfer source's model the spec names, checked to be the
+    tenant's: fetched from the store (a dataset once per machine, into a cache keyed by its content hash)."""
     if not spec.data.dataset.startswith(("builtin:", "ds_")):
         raise SpecError("data.dataset", "local files are for the command line; upload them as a dataset")
     if spec.transfer is not None and spec.transfer.from_path is not None:
         raise SpecError("transfer.from_path", "local files are for the command line; use transfer.from_job")
-    data_path = transfer_from = None
+    dataset = source_key = None
     with db.session(read_only=True) as session:
         tenant_id = session.get_one(Job, job_id).tenant_id
         if spec.data.dataset.startswith("ds_"):
             dataset = session.get(Dataset, spec.data.dataset)
             if dataset is None or dataset.tenant_id != tenant_id:
                 raise SpecError("data.dataset", f"no dataset {spec.data.dataset}")
-            data_path = str(settings.dataset_dir / dataset.path)  # an absolute path stays as it is
         if spec.transfer is not None and spec.transfer.from_job is not None:
             source = jobs.get_job(session, tenant_id, spec.transfer.from_job)
-            if source is None or source.model_path is None:
+            if source is None or source.model_key is None:
                 raise SpecError("transfer.from_job", f"no trained model of job {spec.transfer.from_job}")
-            transfer_from = source.model_path
+            source_key = source.model_key
+    data_path = transfer_from = None
+    within_s = settings.storage_retry_s
+    if dataset is not None:
+        cache = DatasetCache(settings.cache_dir / "datasets", settings.dataset_cache_mb * 2**20)
+        key, sha256 = dataset.key, dataset.sha256
+        what = f"job {job_id}: dataset {dataset.dataset_id}"
+        try:
+            data_path = str(retrying(lambda: cache.path(store, key, sha256), within_s=within_s, what=what))
+        except ObjectMissing as exc:  # the service lost it: not the spec's fault
+            message = f"dataset {dataset.dataset_id}: its file {exc.key!r} is not in storage"
+            raise StorageError(exc.key, message) from exc
+    if source_key is not None:
+        what = f"job {job_id}: transfer source"
+        fetch = lambda: store.materialize(source_key, folder, "transfer-source.safetensors")  # noqa: E731
+        transfer_from = str(retrying(fetch, within_s=within_s, what=what))
     return data_path, transfer_from
 
 
@@ -160,15 +205,32 @@ def _check_device(spec: JobSpec) -> None:
         raise RuntimeError("the spec asks for CUDA but this worker has no GPU; run a worker on the gpu queue")
 
 
-def _resume_from(claim: jobs.Claim, reporter: DBReporter) -> str | None:
-    """The checkpoint a re-queued job continues from; None (start over, with a warning) when its file is gone."""
-    if claim.checkpoint_path is None:
+def _resume_from(claim: jobs.Claim, reporter: DBReporter, store: Store, settings: Settings, folder: Path) -> str | None:
+    """A local copy of the checkpoint a re-queued job continues from, fetched from the store wherever an earlier
+    attempt ran; None (start over, with a warning) when it is not there."""
+    if claim.checkpoint_key is None:
         return None
-    if Path(claim.checkpoint_path).is_file():
-        return claim.checkpoint_path
-    message = f"checkpoint {claim.checkpoint_path} is missing; training starts over"
-    reporter.add(Event(EventKind.warning, 0, 0, {"message": message}))
-    return None
+    key = claim.checkpoint_key
+    fetch = lambda: store.materialize(key, folder, "resume.pt")  # noqa: E731
+    try:
+        return str(retrying(fetch, within_s=settings.storage_retry_s, what=f"job {claim.job_id}: checkpoint"))
+    except ObjectMissing:
+        message = f"checkpoint {key} is missing; training starts over"
+        reporter.add(Event(EventKind.warning, 0, 0, {"message": message}))
+        return None
+
+
+def _own_file(store: Store, key: str | None) -> str | None:
+    """The local file of a stored key when the store is this machine's folder (keep it), else None."""
+    path = None if key is None else store.local_path(key)
+    return None if path is None else str(path)
+
+
+def _is_store_folder(store: Store, folder: Path, job_id: str, attempt: int) -> bool:
+    """Whether the attempt's folder is where the store itself keeps the attempt's files (the default folder
+    store), rather than scratch space whose files were copied to the store."""
+    own = store.local_path(artifact_key(job_id, attempt, "x"))
+    return own is not None and own.parent == folder
 
 
 def outcome_of(result: Any, spec: JobSpec) -> Outcome:
@@ -195,6 +257,8 @@ def failure(exc: BaseException, job_id: str, folder: Path | None = None) -> Outc
     attempt writes, named when it runs out of space."""
     if is_disk_full(exc):
         return _failed(FailureClass.disk_full, _disk_full_message(exc, folder))
+    if isinstance(exc, StorageError):  # after its retries: the service's fault, never the spec's
+        return _failed(FailureClass.storage, str(exc))
     if isinstance(exc, SpecError):
         return _failed(FailureClass.invalid_spec, str(exc))
     if isinstance(exc, ValidationError):
@@ -239,7 +303,7 @@ def _finish(claim: jobs.Claim, outcome: Outcome, db: Database) -> None:
             failure_message=outcome.failure_message,
             final_metrics=outcome.final_metrics,
             best_metrics=outcome.best_metrics,
-            model_path=outcome.model_path,
+            model_key=outcome.model_key,
         )
     if not finished:
         raise Fenced(f"job {claim.job_id}: attempt {claim.attempt} lost the job before it could finish")

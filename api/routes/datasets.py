@@ -1,7 +1,9 @@
-"""Datasets: upload a .npz, .csv or image-folder .zip (streamed to disk, size-limited, validated), read, list."""
+"""Datasets: upload a .npz, .csv or image-folder .zip (streamed to a local spool file, size-limited, hashed,
+validated, then stored in the artifact store whole), read, list."""
 
 from __future__ import annotations
 
+import logging
 from pathlib import PurePath
 from typing import Annotated
 
@@ -10,15 +12,26 @@ from fastapi import Path as PathParam
 from sqlalchemy.orm import Session
 from starlette.concurrency import run_in_threadpool
 
-from api.deps import AUTHENTICATED, FREE_DISK, PageLimitDep, SessionDep, SettingsDep, TenantDep, WriteSessionDep
+from api.deps import (
+    AUTHENTICATED,
+    FREE_DISK,
+    PageLimitDep,
+    SessionDep,
+    SettingsDep,
+    StoreDep,
+    TenantDep,
+    WriteSessionDep,
+)
 from api.errors import ApiError, problem
 from api.schemas import BAD_CURSOR, ERRORS, STORAGE_FULL, DatasetPublic, DatasetsPage, ErrorBody
 from api.uploads import Upload, receive_upload
+from core.artifacts import StorageError, Store, dataset_key, retrying
 from core.config import Settings
 from core.datasets import check_storage, create_dataset, get_dataset, list_datasets
 from core.models import Dataset, new_id
 from core.spec import SpecError
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/datasets", tags=["datasets"], dependencies=AUTHENTICATED, responses=ERRORS)
 
 SUFFIXES = (".npz", ".csv", ".zip")
@@ -60,18 +73,24 @@ def upload_limit(max_upload_mb: int) -> int:
             "decoded (dataset_too_large)",
         },
         415: {"model": ErrorBody, "description": "not multipart/form-data"},
+        503: {"model": ErrorBody, "description": "the artifact store is unavailable (storage_unavailable)"},
         507: STORAGE_FULL,
     },
 )
 async def upload_dataset(
-    request: Request, response: Response, session: WriteSessionDep, tenant: TenantDep, settings: SettingsDep
+    request: Request,
+    response: Response,
+    session: WriteSessionDep,
+    tenant: TenantDep,
+    settings: SettingsDep,
+    store: StoreDep,
 ) -> DatasetPublic:
     """Upload a dataset: .npz (arrays x, y, optional x_test, y_test), .csv (numeric columns and a label column) or
     .zip (images in class-named folders). It is validated now; use its id as `data.dataset` in a spec."""
     folder = settings.dataset_dir / tenant
     upload = await receive_upload(request, folder=folder, max_bytes=settings.max_upload_mb * 2**20, suffixes=SUFFIXES)
     try:
-        row = await run_in_threadpool(_store, upload, session, tenant, settings)
+        row = await run_in_threadpool(_store, upload, session, tenant, settings, store)
     except BaseException:
         upload.path.unlink(missing_ok=True)
         raise
@@ -102,9 +121,11 @@ def read_dataset(
     return DatasetPublic.from_row(row)
 
 
-def _store(upload: Upload, session: Session, tenant_id: str, settings: Settings) -> Dataset:
-    """Validate the received file against the tenant's quota and the caps, give it its final name, record it (the
-    quota is checked again as the row is inserted: uploads received side by side were all within it here)."""
+def _store(upload: Upload, session: Session, tenant_id: str, settings: Settings, store: Store) -> Dataset:
+    """Validate the received file against the tenant's quota and the caps, store it under its key, record it (the
+    quota is checked again as the row is inserted: uploads received side by side were all within it here). The
+    object is stored before its row exists, so no dataset is ever listed without its file; a row that cannot be
+    inserted takes its object with it."""
     _check_text(upload)
     max_storage_bytes = settings.max_dataset_storage_mb * 2**20
     try:
@@ -115,19 +136,28 @@ def _store(upload: Upload, session: Session, tenant_id: str, settings: Settings)
     description = _describe(upload, label_column, settings.max_dataset_memory_mb * 2**20)
     _check_examples(description["n_examples"], settings.max_dataset_examples)
     dataset_id = new_id("ds_")
-    upload.path = upload.path.rename(upload.path.with_name(f"{dataset_id}{upload.path.suffix}"))
+    key = dataset_key(tenant_id, dataset_id, upload.path.suffix)
     upload.path.chmod(0o644)  # mkstemp made it owner-only; a worker running as another user must read it
-    return create_dataset(
-        session=session,
-        tenant_id=tenant_id,
-        dataset_id=dataset_id,
-        name=_name(upload),
-        filename=upload.filename,
-        path=f"{tenant_id}/{upload.path.name}",  # under settings.dataset_dir, wherever a volume is mounted
-        size_bytes=upload.size_bytes,
-        description={**description, "label_column": label_column if upload.path.suffix == ".csv" else None},
-        max_storage_bytes=max_storage_bytes,
-    )
+    retrying(lambda: store.put_file(key, upload.path, move=True), within_s=settings.storage_retry_s, what="upload")
+    try:
+        return create_dataset(
+            session=session,
+            tenant_id=tenant_id,
+            dataset_id=dataset_id,
+            name=_name(upload),
+            filename=upload.filename,
+            key=key,
+            sha256=upload.sha256,
+            size_bytes=upload.size_bytes,
+            description={**description, "label_column": label_column if upload.path.suffix == ".csv" else None},
+            max_storage_bytes=max_storage_bytes,
+        )
+    except BaseException:
+        try:
+            store.delete(key)
+        except StorageError as exc:  # an object no row names: unreachable, and only its bytes are lost
+            log.warning("dataset %s: cannot delete its object after the row failed: %s", dataset_id, exc)
+        raise
 
 
 def _check_examples(n_examples: int, limit: int) -> None:

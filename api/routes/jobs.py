@@ -2,11 +2,11 @@
 
 from __future__ import annotations
 
-from pathlib import Path
+import logging
 from typing import Annotated, Any
 
 from fastapi import APIRouter, Depends, Header, Query, Response
-from fastapi.responses import FileResponse
+from fastapi.responses import FileResponse, RedirectResponse, StreamingResponse
 
 from api.deps import (
     AUTHENTICATED,
@@ -17,6 +17,7 @@ from api.deps import (
     SessionDep,
     SettingsDep,
     SpecBody,
+    StoreDep,
     TenantDep,
     WriteSessionDep,
     require_json,
@@ -33,11 +34,12 @@ from api.schemas import (
     TransitionPublic,
 )
 from core import jobs, notify
-from core.config import Settings
+from core.artifacts import ObjectMissing, retrying
 from core.dispatch import dispatch
 from core.models import JobStatus
 from core.submit import Caps, submit
 
+log = logging.getLogger(__name__)
 router = APIRouter(prefix="/v1/jobs", tags=["jobs"], dependencies=AUTHENTICATED, responses=ERRORS)
 
 IdempotencyKey = Annotated[
@@ -130,16 +132,39 @@ def read_transitions(job: JobDep, session: SessionDep) -> list[TransitionPublic]
     response_class=FileResponse,
     responses={
         200: {"content": {"application/octet-stream": {}}, "description": "model.safetensors"},
+        307: {"description": "with TRICKSERVE_STORAGE_PRESIGN_S on an S3 store: a short-lived URL of the file"},
         409: {"model": ErrorBody, "description": "the job has no trained model yet (model_not_ready)"},
+        410: {"model": ErrorBody, "description": "the model's file is no longer in storage (model_missing)"},
+        503: {"model": ErrorBody, "description": "the artifact store is unavailable (storage_unavailable)"},
     },
 )
-def download_model(job: JobDep, settings: SettingsDep) -> FileResponse:
+def download_model(job: JobDep, settings: SettingsDep, store: StoreDep) -> Response:
     """The trained weights as safetensors; the resolved spec is in the file's metadata (key `spec`)."""
-    path = _model_file(job.model_path, settings)
-    if path is None:
+    if not job.model_key:
         message = f"job {job.job_id} has no trained model yet (it is {job.status})"
         raise ApiError(409, "model_not_ready", message)  # the job exists: 404 would say it does not
-    return FileResponse(path, media_type="application/octet-stream", filename=f"{job.job_id}.safetensors")
+    filename = f"{job.job_id}.safetensors"
+    key = job.model_key
+    path = store.local_path(key)
+    if path is not None:
+        if not path.is_file():
+            raise _model_missing(job.job_id, key)
+        return FileResponse(path, media_type="application/octet-stream", filename=filename)
+    if settings.storage_presign_s:
+        url = store.presign(key, settings.storage_presign_s, filename)
+        if url is not None:
+            return RedirectResponse(url, status_code=307)
+    try:
+        obj = retrying(lambda: store.read(key), within_s=settings.storage_retry_s, what=f"job {job.job_id}: model")
+    except ObjectMissing:
+        raise _model_missing(job.job_id, key) from None
+    headers = {"Content-Length": str(obj.size), "Content-Disposition": f'attachment; filename="{filename}"'}
+    return StreamingResponse(obj.chunks, media_type="application/octet-stream", headers=headers)
+
+
+def _model_missing(job_id: str, key: str) -> ApiError:
+    log.error("job %s: its model %r is not in the artifact store", job_id, key)
+    return ApiError(410, "model_missing", f"job {job_id}: its model file is no longer in storage")
 
 
 @router.get("/{job_id}/spec")
@@ -157,11 +182,3 @@ def _statuses(values: list[str] | None) -> list[JobStatus] | None:
         message = f"unknown status {unknown[0]!r}; choose from {', '.join(JobStatus)}"
         raise ApiError(422, "invalid_request", message, [problem("query.status", message, "enum")])
     return [JobStatus(n) for n in names] or None
-
-
-def _model_file(model_path: str | None, settings: Settings) -> Path | None:
-    if not model_path:
-        return None
-    path = Path(model_path)
-    path = path if path.is_absolute() else settings.artifact_dir / path
-    return path if path.is_file() else None

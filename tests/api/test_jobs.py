@@ -104,7 +104,7 @@ def test_transfer_needs_a_source_job_with_a_trained_model(client: TestClient, se
     r = client.post("/v1/jobs", json=make_spec(transfer={"from_job": source["id"]}))
     assert r.status_code == 422 and r.json()["error"]["details"][0]["path"] == "transfer.from_job"
     attempt = claim(sessions, source["id"])
-    finish(sessions, source["id"], attempt, model_path="/artifacts/model.safetensors")
+    finish(sessions, source["id"], attempt, model_key="artifacts/j/attempt-1/model.safetensors")
     assert client.post("/v1/jobs", json=make_spec(transfer={"from_job": source["id"]})).status_code == 201
 
 
@@ -270,8 +270,9 @@ def test_model_download_is_the_safetensors_file_with_its_spec(
     job = submit(client)
     r = client.get(f"/v1/jobs/{job['id']}/model")
     assert r.status_code == 409 and r.json()["error"]["code"] == "model_not_ready"
-    path = save_model(torch.nn.Linear(3, 2), tmp_path / "artifacts" / "model.safetensors", json.dumps(job["spec"]))
-    finish(sessions, job["id"], claim(sessions, job["id"]), model_path=path)
+    key = f"artifacts/{job['id']}/attempt-1/model.safetensors"
+    path = save_model(torch.nn.Linear(3, 2), client.app.state.store.local_path(key), json.dumps(job["spec"]))
+    finish(sessions, job["id"], claim(sessions, job["id"]), model_key=key)
     r = client.get(f"/v1/jobs/{job['id']}/model")
     assert r.status_code == 200 and r.content == open(path, "rb").read()
     assert f"{job['id']}.safetensors" in r.headers["content-disposition"]

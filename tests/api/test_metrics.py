@@ -161,7 +161,7 @@ def test_a_resumed_job_serves_one_point_per_step_the_newest_attempts(
 ):
     first = all_points(client, job_id, names="val/loss")
     with sessions() as s:
-        assert jobs.set_checkpoint(session=s, job_id=job_id, attempt=1, path="/ck.pt", step=30)
+        assert jobs.set_checkpoint(session=s, job_id=job_id, attempt=1, key="artifacts/j/attempt-1/ck.pt", step=30)
         assert jobs.requeue_expired(session=s, now=utcnow() + timedelta(hours=1)) == [job_id]
     attempt = claim(sessions, job_id, worker="w2")
     record(sessions, job_id, attempt, [epoch_event(e, **{"val/loss": 10.0 * e}) for e in range(4, EPOCHS + 3)])

@@ -30,9 +30,10 @@ def owned(client: TestClient, sessions: sessionmaker[Session]) -> Owned:
     job = client.post("/v1/jobs", json=make_spec()).json()["id"]
     attempt = claim(sessions, job)
     record(sessions, job, attempt, [epoch_event(1)])
-    model = client.app.state.settings.artifact_dir / "model.safetensors"
+    model = client.app.state.settings.artifact_dir / job / "attempt-1" / "model.safetensors"
+    model.parent.mkdir(parents=True)
     model.write_bytes(b"weights")
-    finish(sessions, job, attempt, model_path=str(model))
+    finish(sessions, job, attempt, model_key=f"artifacts/{job}/attempt-1/model.safetensors")
     queued = client.post("/v1/jobs", json=make_spec(name="waiting")).json()["id"]
     return Owned(job, queued, ds)
 

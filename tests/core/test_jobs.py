@@ -106,12 +106,12 @@ def test_lifecycle_from_submit_to_success(session_factory: Sessions) -> None:
     assert (job.status, job.attempt, job.max_attempts, job.spec["name"]) == (JobStatus.queued, 0, 3, "tiny")
 
     got = claim(session_factory, job.job_id)
-    assert got is not None and got.attempt == 1 and got.checkpoint_path is None
+    assert got is not None and got.attempt == 1 and got.checkpoint_key is None
     with session_factory() as s:
         assert jobs.heartbeat(session=s, job_id=job.job_id, attempt=1, lease_s=LEASE_S) == jobs.HeartbeatResult(
             alive=True, cancel_requested=False
         )
-        assert jobs.set_checkpoint(session=s, job_id=job.job_id, attempt=1, path="/ck/last.pt", step=10)
+        assert jobs.set_checkpoint(session=s, job_id=job.job_id, attempt=1, key="artifacts/j/attempt-1/last.pt", step=10)
         assert jobs.finish_job(
             session=s,
             job_id=job.job_id,
@@ -120,7 +120,7 @@ def test_lifecycle_from_submit_to_success(session_factory: Sessions) -> None:
             stop_reason="completed",
             final_metrics={"val/acc": 0.97},
             best_metrics={"val/loss": 0.1},
-            model_path="/m/model.safetensors",
+            model_key="artifacts/j/attempt-1/model.safetensors",
         )
 
     done = load(session_factory, job.job_id)
@@ -226,12 +226,12 @@ def test_a_stale_attempt_changes_nothing(session_factory: Sessions) -> None:
     with session_factory() as s:
         assert jobs.heartbeat(session=s, job_id=job.job_id, attempt=1, lease_s=LEASE_S).alive is False
         assert not jobs.record_events(session=s, job_id=job.job_id, attempt=1, events=[event_dict(99)])
-        assert not jobs.set_checkpoint(session=s, job_id=job.job_id, attempt=1, path="/old.pt", step=99)
-        assert not jobs.record_artifact(session=s, job_id=job.job_id, attempt=1, kind="spec", path="/old.json")
+        assert not jobs.set_checkpoint(session=s, job_id=job.job_id, attempt=1, key="artifacts/j/attempt-1/old.pt", step=99)
+        assert not jobs.record_artifact(session=s, job_id=job.job_id, attempt=1, kind="spec", key="artifacts/j/attempt-1/old.json")
         assert not jobs.finish_job(session=s, job_id=job.job_id, attempt=1, status="succeeded")
 
     after = load(session_factory, job.job_id)
-    assert (after.status, after.attempt, after.lease_owner, after.checkpoint_path) == (
+    assert (after.status, after.attempt, after.lease_owner, after.checkpoint_key) == (
         JobStatus.running,
         2,
         "new",
@@ -472,7 +472,7 @@ def test_resume_keeps_one_point_per_step_from_the_surviving_attempt(session_fact
     record(session_factory, job.job_id, 1, range(1, 11))
     record(session_factory, job.job_id, 1, range(7, 8), kind="warning")
     with session_factory() as s:
-        jobs.set_checkpoint(session=s, job_id=job.job_id, attempt=1, path="/ck/5.pt", step=5)
+        jobs.set_checkpoint(session=s, job_id=job.job_id, attempt=1, key="artifacts/j/attempt-1/5.pt", step=5)
         old_ids = [e.job_event_id for e in jobs.list_events(s, job.job_id)]
     reap(session_factory)
 
@@ -492,7 +492,7 @@ def test_an_attempt_that_restarts_from_scratch_replaces_earlier_points(session_f
     claim(session_factory, job.job_id)
     record(session_factory, job.job_id, 1, range(1, 9))
     with session_factory() as s:
-        jobs.set_checkpoint(session=s, job_id=job.job_id, attempt=1, path="/ck/6.pt", step=6)
+        jobs.set_checkpoint(session=s, job_id=job.job_id, attempt=1, key="artifacts/j/attempt-1/6.pt", step=6)
     reap(session_factory)
     claim(session_factory, job.job_id)
     record(session_factory, job.job_id, 2, range(1, 4))  # the checkpoint would not load: it began again

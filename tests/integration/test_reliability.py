@@ -63,8 +63,8 @@ def assert_one_point_per_step(service: Service, job_id: str, epochs: int) -> lis
     return everything
 
 
-def assert_model_loads(model_path: str) -> None:
-    tensors, meta = load_model_file(model_path)
+def assert_model_loads(service: Service, model_key: str) -> None:
+    tensors, meta = load_model_file(service.stored_file(model_key))
     assert tensors and meta["spec"]["name"]
     assert all(torch.isfinite(t.float()).all() for t in tensors.values())
 
@@ -116,7 +116,7 @@ def test_killed_worker_job_resumes_from_its_checkpoint_on_a_new_process(service,
     everything = assert_one_point_per_step(service, job.job_id, epochs)
     assert_resumed_once(service, job.job_id, checkpoint_step, everything)
     assert len([e for e in everything if e.kind == "test"]) == 1
-    assert_model_loads(done.model_path)
+    assert_model_loads(service, done.model_key)
 
 
 def test_kill_between_checkpoint_file_and_its_pointer_resumes_from_the_pointed_checkpoint(embedded, start_worker):
@@ -131,7 +131,7 @@ def test_kill_between_checkpoint_file_and_its_pointer_resumes_from_the_pointed_c
     everything = assert_one_point_per_step(embedded, job.job_id, epochs)
     first_checkpoint = [e for e in everything if e.kind == "epoch_end"][0].step
     assert_resumed_once(embedded, job.job_id, first_checkpoint, everything)
-    assert_model_loads(done.model_path)
+    assert_model_loads(service, done.model_key)
 
 
 # ------------------------------------------------------------------------------------- 2. poison job
@@ -229,13 +229,13 @@ def test_paused_worker_is_fenced_and_its_late_writes_change_nothing(service, sta
     assert "attempt 1 was fenced out" in old.log(tail=None)
     assert _attempt_rows(service, job.job_id, 1) == before  # nothing attempt 1 wrote after it lost the job was kept
     now = service.load(job.job_id)
-    assert now.status == "running" and now.attempt == 2 and "attempt-2" in now.checkpoint_path
+    assert now.status == "running" and now.attempt == 2 and "attempt-2" in now.checkpoint_key
 
     done = service.wait_terminal(job.job_id, old, new, timeout=40)
     assert done.status == "succeeded" and done.attempt == 2, done.failure_message
     assert service.statuses(job.job_id) == ["queued", "running", "queued", "running", "succeeded"]
     assert _attempt_rows(service, job.job_id, 1) == before
-    assert "attempt-2" in done.checkpoint_path and "attempt-2" in done.model_path
+    assert "attempt-2" in done.checkpoint_key and "attempt-2" in done.model_key
     everything = assert_one_point_per_step(service, job.job_id, epochs)
     assert_resumed_once(service, job.job_id, paused_at, everything)
 
@@ -250,7 +250,7 @@ def _attempt_rows(service: Service, job_id: str, attempt: int) -> tuple[list, li
             for table, cols, key in (
                 (JobEvent, (JobEvent.job_event_id, JobEvent.kind, JobEvent.step), JobEvent.job_event_id),
                 (JobTransition, (JobTransition.to_status, JobTransition.at), JobTransition.job_transition_id),
-                (Artifact, (Artifact.path, Artifact.size_bytes, Artifact.created_at), Artifact.artifact_id),
+                (Artifact, (Artifact.key, Artifact.size_bytes, Artifact.created_at), Artifact.artifact_id),
             )
         ]
     return tuple(found)

@@ -28,7 +28,7 @@ def test_job_submitted_through_core_runs_to_success(service, start_worker):
     done = service.wait_terminal(job.job_id, start_worker())
     assert done.status == "succeeded", done.failure_message
     assert service.statuses(job.job_id) == ["queued", "running", "succeeded"]
-    assert done.final_metrics["test/acc"] > 0.5 and Path(done.model_path).is_file()
+    assert done.final_metrics["test/acc"] > 0.5 and service.stored_file(done.model_key).is_file()
     with service.session(read_only=True) as session:
         assert len(jobs.list_events(session, job.job_id, kinds=["epoch_end"])) == 3
 
@@ -76,7 +76,7 @@ def test_cancelling_a_running_job_ends_it_cancelled_within_seconds(service, star
     done = service.wait_terminal(job.job_id, worker, timeout=10)
     assert done.status == "cancelled" and done.stop_reason == "cancelled"
     assert time.monotonic() - asked < 5
-    assert Path(done.checkpoint_path).is_file()
+    assert service.stored_file(done.checkpoint_key).is_file()
 
 
 def test_job_cancelled_before_a_worker_starts_never_runs(service, start_worker):

@@ -59,9 +59,9 @@ def test_a_job_that_fills_the_disk_fails_as_disk_full_and_keeps_its_last_checkpo
         assert run(job.job_id, on_disk) == "failed"
     done = on_disk.load(job.job_id)
     assert done.failure_class == "disk_full" and done.failure_message.startswith("the disk is full")
-    assert done.checkpoint_step is not None and Path(done.checkpoint_path).is_file()
+    assert done.checkpoint_step is not None and on_disk.stored_file(done.checkpoint_key).is_file()
     attempt = runner.attempt_dir(on_disk.settings, job.job_id, 1)
-    assert [p.name for p in attempt.iterdir()] == [Path(done.checkpoint_path).name]
+    assert [p.name for p in attempt.iterdir()] == [on_disk.stored_file(done.checkpoint_key).name]
     assert len(caplog.records) <= 2, [r.getMessage() for r in caplog.records]
 
 

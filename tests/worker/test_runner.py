@@ -50,7 +50,7 @@ def test_succeeded_job_stores_events_metrics_model_and_artifacts(backend):
     assert done.final_metrics["test/acc"] > 0.5 and "val/loss" in done.final_metrics
     assert [e.epoch for e in backend.events(job.job_id, "epoch_end")] == [1, 2, 3]
     assert backend.events(job.job_id, "progress") and len(backend.events(job.job_id, "test")) == 1
-    assert Path(done.model_path).is_file() and Path(done.checkpoint_path).is_file()
+    assert backend.stored_file(done.model_key).is_file() and backend.stored_file(done.checkpoint_key).is_file()
     with backend.session(read_only=True) as session:
         kinds = set(session.scalars(sa.select(Artifact.kind).where(Artifact.job_id == job.job_id)))
     assert kinds == {"checkpoint", "model"}
@@ -63,7 +63,7 @@ def test_early_stopped_job_records_the_early_stop(backend):
     done = backend.load(job.job_id)
     assert done.status == "early_stopped" and done.stop_reason == "early_stop"
     assert len(backend.events(job.job_id, "early_stop")) == 1 and len(backend.events(job.job_id, "epoch_end")) == 2
-    assert done.best_metrics["epoch"] == 1 and done.model_path is not None
+    assert done.best_metrics["epoch"] == 1 and done.model_key is not None
     epochs = [e.data for e in backend.events(job.job_id, "epoch_end")]
     waits = [(d["early_stopping/wait"], d["early_stopping/patience"]) for d in epochs]
     assert waits == [(0, 0), (1, 0)]  # what any reader of the events sees, after each epoch's decision
@@ -76,7 +76,7 @@ def test_diverging_job_fails_as_diverged(backend):
     assert run(job.job_id, backend) == "failed"
     done = backend.load(job.job_id)
     assert (done.failure_class, done.stop_reason) == ("diverged", "diverged")
-    assert done.model_path is None and backend.events(job.job_id, "diverged")
+    assert done.model_key is None and backend.events(job.job_id, "diverged")
 
 
 def test_unreadable_dataset_fails_as_invalid_spec_with_a_one_line_message(backend):
@@ -85,8 +85,8 @@ def test_unreadable_dataset_fails_as_invalid_spec_with_a_one_line_message(backen
     path.write_bytes(b"this is not a zip archive")
     with backend.session() as session:
         tenants.create_tenant(session=session, tenant_id=TENANT)
-        session.add(Dataset(dataset_id="ds_broken01", tenant_id=TENANT, name="b", filename="b.npz", path=str(path),
-                            size_bytes=25))  # fmt: skip
+        session.add(Dataset(dataset_id="ds_broken01", tenant_id=TENANT, name="b", filename="b.npz",
+                            key="datasets/broken.npz", size_bytes=25))  # fmt: skip
         session.commit()
     job = backend.submit(make_spec(data={"dataset": "ds_broken01"}))
     assert run(job.job_id, backend) == "failed"
@@ -94,6 +94,21 @@ def test_unreadable_dataset_fails_as_invalid_spec_with_a_one_line_message(backen
     assert done.failure_class == "invalid_spec" and done.failure_message.startswith("data.dataset")
     assert "\n" not in done.failure_message and "Traceback" not in done.failure_message
 
+
+
+def test_a_dataset_missing_from_storage_fails_as_the_services_fault_naming_its_key(backend):
+    """The database names a dataset whose file the store does not hold (an API and a worker that share no storage
+    did this before storage keys): that is not the user's spec, and the failure says which key is missing."""
+    with backend.session() as session:
+        tenants.create_tenant(session=session, tenant_id=TENANT)
+        session.add(Dataset(dataset_id="ds_gone0001", tenant_id=TENANT, name="g", filename="g.npz",
+                            key=f"datasets/{TENANT}/ds_gone0001.npz", size_bytes=25))  # fmt: skip
+        session.commit()
+    job = backend.submit(make_spec(data={"dataset": "ds_gone0001"}))
+    assert run(job.job_id, backend) == "failed"
+    done = backend.load(job.job_id)
+    assert done.failure_class == "storage", done.failure_message
+    assert f"datasets/{TENANT}/ds_gone0001.npz" in done.failure_message and "ds_gone0001" in done.failure_message
 
 def test_stored_spec_that_no_longer_validates_fails_as_invalid_spec(backend):
     job = backend.submit(make_spec())
@@ -109,11 +124,22 @@ def test_unexpected_error_fails_as_internal_with_a_one_line_message(backend):
     source = backend.submit(make_spec())
     assert run(source.job_id, backend) == "succeeded"
     job = backend.submit(make_spec(transfer={"from_job": source.job_id, "freeze": "small"}))
-    Path(backend.load(source.job_id).model_path).unlink()  # the source's weights vanished from the artifact store
+    backend.stored_file(backend.load(source.job_id).model_key).write_bytes(b"\xff" * 64)  # damaged in storage
     assert run(job.job_id, backend) == "failed"
     done = backend.load(job.job_id)
     assert done.failure_class == "internal" and "\n" not in done.failure_message
     assert done.failure_message.split(":")[0].endswith("Error")
+
+
+def test_a_transfer_source_missing_from_storage_fails_as_storage(backend):
+    source = backend.submit(make_spec())
+    assert run(source.job_id, backend) == "succeeded"
+    job = backend.submit(make_spec(transfer={"from_job": source.job_id, "freeze": "small"}))
+    key = backend.load(source.job_id).model_key
+    backend.stored_file(key).unlink()  # the source's weights vanished from the artifact store
+    assert run(job.job_id, backend) == "failed"
+    done = backend.load(job.job_id)
+    assert done.failure_class == "storage" and key in done.failure_message
 
 
 def test_cancel_during_run_ends_cancelled_with_a_checkpoint(backend):
@@ -126,7 +152,7 @@ def test_cancel_during_run_ends_cancelled_with_a_checkpoint(backend):
     done = backend.load(job.job_id)
     assert backend.statuses(job.job_id) == ["queued", "running", "cancelling", "cancelled"]
     assert done.stop_reason == "cancelled" and done.checkpoint_step > step
-    assert Path(done.checkpoint_path).is_file()
+    assert backend.stored_file(done.checkpoint_key).is_file()
     assert len(backend.events(job.job_id, "epoch_end")) < 40
 
 
@@ -143,7 +169,7 @@ def test_fenced_attempt_stops_and_writes_nothing_more(backend):
     after = backend.load(job.job_id)
     with backend.session(read_only=True) as session:
         assert _attempt_rows(session, job.job_id) == before
-    assert (after.status, after.attempt, after.finished_at, after.model_path) == ("running", 2, None, None)
+    assert (after.status, after.attempt, after.finished_at, after.model_key) == ("running", 2, None, None)
     assert after.checkpoint_step == snapshot.checkpoint_step
     assert not (runner.attempt_dir(backend.settings, job.job_id, 1) / "model.safetensors").exists()
 
