@@ -128,8 +128,8 @@ class LocalStore(Store):
         return f"LocalStore({', '.join(f'{k}={v}' for k, v in self.roots.items())})"
 
     def local_path(self, key: str) -> Path:
-        top, *rest = PurePosixPath(key).parts or ("",)
-        if top not in self.roots or not rest or any(part in ("..", "") for part in rest) or key.startswith("/"):
+        top, *rest = key.split("/")
+        if top not in self.roots or not rest or any(part in ("..", ".", "") for part in rest):
             raise ValueError(f"not a storage key: {key!r}")
         return self.roots[top].joinpath(*rest)
 
@@ -192,6 +192,7 @@ class S3Store(Store):
             connect_timeout=5,
             read_timeout=60,
             retries={"mode": "standard", "max_attempts": 3},
+            signature_version="s3v4",  # presigned URLs too: every region and every S3-compatible store takes it
             s3={"addressing_style": "path"} if endpoint_url else None,  # MinIO and friends answer on one host name
         )
         self.client = boto3.client("s3", endpoint_url=endpoint_url, config=config)

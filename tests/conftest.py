@@ -22,6 +22,8 @@ from sqlalchemy.orm import Session, sessionmaker  # noqa: E402
 
 from core.db import create_db_engine, init_db, make_sessionmaker  # noqa: E402
 from core.models import Base  # noqa: E402
+from tests.s3 import CREDENTIALS as S3_CREDENTIALS  # noqa: E402
+from tests.s3 import MotoServer  # noqa: E402
 
 POSTGRES_ADMIN_URL = os.environ.get("TRICKSERVE_TEST_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
 BACKENDS = ["sqlite", "postgresql"]
@@ -117,3 +119,21 @@ def small_disk(tmp_path: Path) -> Iterator[Path]:
         yield folder
     finally:
         subprocess.run(["umount", "--lazy", str(folder)], check=False)
+
+
+@pytest.fixture(scope="session")
+def moto_server(tmp_path_factory: pytest.TempPathFactory) -> Iterator[MotoServer]:
+    """A real S3-protocol server (moto's, over HTTP) shared by the tests; each takes a bucket of its own."""
+    server = MotoServer(tmp_path_factory.mktemp("moto") / "moto.log")
+    yield server
+    server.stop()
+
+
+@pytest.fixture
+def s3_url(moto_server: MotoServer, monkeypatch: pytest.MonkeyPatch) -> str:
+    """TRICKSERVE_STORAGE_URL of a fresh bucket on the test server; TRICKSERVE_S3_ENDPOINT_URL and the AWS_*
+    credentials are set for this process and the processes the test starts."""
+    for name, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    monkeypatch.setenv("TRICKSERVE_S3_ENDPOINT_URL", moto_server.url)
+    return f"s3://{moto_server.new_bucket()}/trickserve"

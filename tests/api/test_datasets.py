@@ -2,6 +2,7 @@
 
 from __future__ import annotations
 
+import hashlib
 import io
 import zipfile
 from pathlib import Path
@@ -41,6 +42,7 @@ def test_npz_upload_is_described_stored_and_readable(client: TestClient, setting
     ds = r.json()
     assert r.headers["location"] == f"/v1/datasets/{ds['id']}" and ds["id"].startswith("ds_")
     assert (ds["name"], ds["filename"], ds["size_bytes"]) == ("my features", "features.npz", len(npz_bytes()))
+    assert ds["sha256"] == hashlib.sha256(npz_bytes()).hexdigest()
     expected = {"shape": [6], "kind": "vector", "n_examples": 60, "n_classes": 3, "classes": ["0", "1", "2"]}
     assert ds["description"].items() >= expected.items()
     assert stored_files(settings) == [f"{ds['id']}.npz"]
