@@ -13,6 +13,7 @@ import torch
 from core import jobs, tenants
 from core.models import Artifact, Dataset, Job, JobEvent, utcnow
 from tests.factories import TENANT, Backend, make_spec, slow_spec, wait_for
+from tests.s3 import Proxy
 from worker import runner
 
 
@@ -229,3 +230,22 @@ def test_a_job_on_a_built_in_dataset_leaves_it_in_the_cache_for_the_next(backend
     made_at = entry.stat().st_mtime_ns
     assert run(backend.submit(spec).job_id, backend) == "succeeded"
     assert entry.stat().st_mtime_ns == made_at  # read back, not made again
+
+
+def test_a_model_that_cannot_be_stored_fails_the_attempt_as_storage(backend, s3_url: str, moto_server):
+    """The store is away for the whole attempt: each checkpoint is retried, then skipped with a warning (the job
+    points at none), and the model, retried as long, fails the attempt clearly as the store's fault."""
+    proxy = Proxy(moto_server.port)
+    proxy.cut()
+    backend.settings = backend.settings.model_copy(
+        update={"storage_url": s3_url, "s3_endpoint_url": proxy.url, "storage_retry_s": 0.3}
+    )
+    job = backend.submit(make_spec(train={"epochs": 2}))
+    assert run(job.job_id, backend) == "failed"
+    done = backend.load(job.job_id)
+    assert done.failure_class == "storage" and "model.safetensors" in done.failure_message
+    assert (done.checkpoint_key, done.model_key) == (None, None)
+    warnings = [e.data["message"] for e in backend.events(job.job_id, "warning")]
+    assert len([w for w in warnings if w.startswith("checkpoint at step") and "not stored" in w]) == 2
+    assert not (backend.settings.artifact_dir / job.job_id).exists()  # the attempt's scratch folder is gone
+    proxy.close()
