@@ -12,6 +12,8 @@ from alembic.autogenerate import compare_metadata
 from alembic.migration import MigrationContext
 
 from core import metrics
+from core.artifacts import open_store
+from core.config import Settings
 from core.db import alembic_config, create_db_engine, init_db, make_sessionmaker
 from core.models import Base, FailureClass, Job, JobEvent, Tenant, utcnow
 from tests.factories import expected_points
@@ -110,4 +112,41 @@ def test_0003_fills_metric_point_from_the_stored_events(empty_db_url: str) -> No
 
     command.downgrade(alembic_config(empty_db_url), "0002")
     assert "metric_point" not in table_names(empty_db_url)
+    engine.dispose()
+
+
+def test_0004_turns_stored_paths_into_keys_of_the_default_folder_store(empty_db_url: str, tmp_path: Path) -> None:
+    command.upgrade(alembic_config(empty_db_url), "0003")
+    engine = create_db_engine(empty_db_url)
+    ckpt = "/srv/.trickserve/artifacts/job_a/attempt-2/checkpoint.1.pt"
+    model = "/srv/.trickserve/artifacts/job_a/attempt-2/model.safetensors"
+    with engine.begin() as conn:
+        conn.execute(sa.insert(Tenant).values(tenant_id="t", name="t", created_at=utcnow()))
+        conn.execute(sa.insert(Job).values(job_id="job_a", tenant_id="t", name="n", spec={}, status="succeeded"))
+        conn.execute(sa.text("UPDATE job SET checkpoint_path = :c, model_path = :m"), {"c": ckpt, "m": model})
+        conn.execute(sa.text(
+            "INSERT INTO artifact (job_id, attempt, kind, path, created_at) VALUES ('job_a', 2, 'model', :m, :at)"
+        ), {"m": model, "at": utcnow()})  # fmt: skip
+        for dataset_id, path in (("ds_rel", "t/ds_rel.npz"), ("ds_abs", "/old/home/datasets/t/ds_abs.csv")):
+            conn.execute(sa.text(
+                "INSERT INTO dataset (dataset_id, tenant_id, name, filename, path, size_bytes, description, "
+                "created_at) VALUES (:id, 't', 'd', 'd.npz', :p, 1, '{}', :at)"
+            ), {"id": dataset_id, "p": path, "at": utcnow()})  # fmt: skip
+
+    command.upgrade(alembic_config(empty_db_url), "0004")
+    with engine.connect() as conn:
+        job = conn.execute(sa.text("SELECT checkpoint_key, model_key FROM job")).one()
+        assert tuple(job) == (
+            "artifacts/job_a/attempt-2/checkpoint.1.pt",
+            "artifacts/job_a/attempt-2/model.safetensors",
+        )
+        assert conn.execute(sa.text("SELECT key FROM artifact")).scalar() == job[1]
+        keys = dict(conn.execute(sa.text("SELECT dataset_id, key FROM dataset")).all())
+        assert keys == {"ds_rel": "datasets/t/ds_rel.npz", "ds_abs": "datasets/t/ds_abs.csv"}
+    # The keys name the files where the default store looks for them.
+    assert open_store(Settings(home=tmp_path)).local_path(keys["ds_rel"]) == tmp_path / "datasets" / "t" / "ds_rel.npz"
+
+    command.downgrade(alembic_config(empty_db_url), "0003")
+    with engine.connect() as conn:
+        assert conn.execute(sa.text("SELECT path FROM dataset WHERE dataset_id = 'ds_rel'")).scalar() == "t/ds_rel.npz"
     engine.dispose()
