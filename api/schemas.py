@@ -256,7 +256,7 @@ class Health(Public):
 
 class Readiness(Public):
     status: Literal["ready"] = "ready"
-    checks: dict[str, str] = Field(description="database, broker and disk: ok")
+    checks: dict[str, str] = Field(description="database, broker, storage and disk: ok")
 
 
 # -------------------------------------------------------------------------------------------- quotas

@@ -98,6 +98,10 @@ class Store(ABC):
     def delete(self, key: str) -> None:
         """Remove the object; nothing happens when there is none."""
 
+    @abstractmethod
+    def check(self) -> None:
+        """Raise StorageError unless the store can take files now (the readiness probe)."""
+
     def local_path(self, key: str) -> Path | None:
         """The object's own file when the store is a folder on this machine (it may not exist); None otherwise."""
         return None
@@ -132,6 +136,15 @@ class LocalStore(Store):
         if top not in self.roots or not rest or any(part in ("..", ".", "") for part in rest):
             raise ValueError(f"not a storage key: {key!r}")
         return self.roots[top].joinpath(*rest)
+
+    def check(self) -> None:
+        for top, folder in self.roots.items():
+            try:
+                folder.mkdir(parents=True, exist_ok=True)
+            except OSError as exc:
+                raise _os_error(top, "create", exc) from exc
+            if not os.access(folder, os.W_OK | os.X_OK):
+                raise StorageError(top, f"{folder} is not writable")
 
     def put_file(self, key: str, path: Path, *, move: bool = False) -> None:
         dest = self.local_path(key)
@@ -203,6 +216,15 @@ class S3Store(Store):
 
     def _name(self, key: str) -> str:
         return f"{self.prefix}/{key}" if self.prefix else key
+
+    def check(self) -> None:
+        try:
+            self.client.head_bucket(Bucket=self.bucket)
+        except Exception as exc:
+            error = _s3_error(self.bucket, "reach the bucket", exc)
+            if isinstance(error, ObjectMissing):
+                error = StorageError(self.bucket, f"no bucket {self.bucket!r}")
+            raise error from exc
 
     def put_file(self, key: str, path: Path, *, move: bool = False) -> None:
         try:

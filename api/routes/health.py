@@ -1,4 +1,5 @@
-"""Liveness, readiness (database and broker reachable, disk not full) and the Prometheus exposition."""
+"""Liveness, readiness (database, broker and artifact store reachable, disk not full) and the Prometheus
+exposition."""
 
 from __future__ import annotations
 
@@ -31,11 +32,12 @@ def healthz() -> Health:
     "/readyz", responses={503: {"model": ErrorBody, "description": "a dependency is unreachable, or the disk is full"}}
 )
 def readyz(request: Request, settings: SettingsDep) -> Readiness:
-    """Readiness: the database answers, the broker is reachable and the disk has min_free_disk_mb free; 503 naming
-    what is not."""
+    """Readiness: the database answers, the broker and the artifact store are reachable and the disk has
+    min_free_disk_mb free; 503 naming what is not."""
     checks = {
         "database": _probe(lambda: _ping_database(request)),
         "broker": _probe(lambda: ping_broker(settings)),
+        "storage": _probe(request.app.state.store.check),
         "disk": _disk(settings),
     }
     failing = [name for name, result in checks.items() if result != "ok"]

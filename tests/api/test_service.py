@@ -25,7 +25,7 @@ def test_healthz(client: TestClient):
 
 def test_readyz_checks_the_database_and_the_filesystem_broker(client: TestClient, settings: Settings):
     r = client.get("/readyz")
-    checks = {"database": "ok", "broker": "ok", "disk": "ok"}
+    checks = {"database": "ok", "broker": "ok", "storage": "ok", "disk": "ok"}
     assert r.status_code == 200 and r.json() == {"status": "ready", "checks": checks}
     shutil.rmtree(settings.broker_dir)
     r = client.get("/readyz")

@@ -44,8 +44,11 @@ def test_a_store_that_is_away_answers_503_with_retry_after_and_keeps_nothing(mak
     assert int(r.headers["retry-after"]) >= 1
     assert client.get("/v1/datasets").json()["items"] == []
     assert not [p for p in tmp_path.rglob("*.npz")]  # the spool file is gone too
+    ready = client.get("/readyz")
+    assert ready.status_code == 503 and ready.json()["error"]["details"]["storage"].startswith("unreachable")
     proxy.restore()
     assert client.post("/v1/datasets", files={"file": ("f.npz", npz_bytes())}).status_code == 201
+    assert client.get("/readyz").json()["checks"]["storage"] == "ok"
     proxy.close()
 
 
