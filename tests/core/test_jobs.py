@@ -111,7 +111,9 @@ def test_lifecycle_from_submit_to_success(session_factory: Sessions) -> None:
         assert jobs.heartbeat(session=s, job_id=job.job_id, attempt=1, lease_s=LEASE_S) == jobs.HeartbeatResult(
             alive=True, cancel_requested=False
         )
-        assert jobs.set_checkpoint(session=s, job_id=job.job_id, attempt=1, key="artifacts/j/attempt-1/last.pt", step=10)
+        assert jobs.set_checkpoint(
+            session=s, job_id=job.job_id, attempt=1, key="artifacts/j/attempt-1/last.pt", step=10
+        )
         assert jobs.finish_job(
             session=s,
             job_id=job.job_id,
@@ -226,8 +228,12 @@ def test_a_stale_attempt_changes_nothing(session_factory: Sessions) -> None:
     with session_factory() as s:
         assert jobs.heartbeat(session=s, job_id=job.job_id, attempt=1, lease_s=LEASE_S).alive is False
         assert not jobs.record_events(session=s, job_id=job.job_id, attempt=1, events=[event_dict(99)])
-        assert not jobs.set_checkpoint(session=s, job_id=job.job_id, attempt=1, key="artifacts/j/attempt-1/old.pt", step=99)
-        assert not jobs.record_artifact(session=s, job_id=job.job_id, attempt=1, kind="spec", key="artifacts/j/attempt-1/old.json")
+        assert not jobs.set_checkpoint(
+            session=s, job_id=job.job_id, attempt=1, key="artifacts/j/attempt-1/old.pt", step=99
+        )
+        assert not jobs.record_artifact(
+            session=s, job_id=job.job_id, attempt=1, kind="spec", key="artifacts/j/attempt-1/old.json"
+        )
         assert not jobs.finish_job(session=s, job_id=job.job_id, attempt=1, status="succeeded")
 
     after = load(session_factory, job.job_id)

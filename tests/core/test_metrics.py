@@ -30,7 +30,9 @@ def submit(sessions: Sessions) -> str:
 def resume(sessions: Sessions, job_id: str, attempt: int, checkpoint_step: int) -> int:
     """The job's current attempt checkpoints at `checkpoint_step` and its worker is lost; the next attempt starts."""
     with sessions() as s:
-        assert jobs.set_checkpoint(session=s, job_id=job_id, attempt=attempt, key="artifacts/j/attempt-1/ck.pt", step=checkpoint_step)
+        assert jobs.set_checkpoint(
+            session=s, job_id=job_id, attempt=attempt, key="artifacts/j/attempt-1/ck.pt", step=checkpoint_step
+        )
         assert jobs.requeue_expired(session=s, now=utcnow() + timedelta(hours=1)) == [job_id]
     return claim(sessions, job_id, worker="w2")
 

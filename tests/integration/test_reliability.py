@@ -131,7 +131,7 @@ def test_kill_between_checkpoint_file_and_its_pointer_resumes_from_the_pointed_c
     everything = assert_one_point_per_step(embedded, job.job_id, epochs)
     first_checkpoint = [e for e in everything if e.kind == "epoch_end"][0].step
     assert_resumed_once(embedded, job.job_id, first_checkpoint, everything)
-    assert_model_loads(service, done.model_key)
+    assert_model_loads(embedded, done.model_key)
 
 
 # ------------------------------------------------------------------------------------- 2. poison job

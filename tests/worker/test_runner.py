@@ -4,7 +4,6 @@ from __future__ import annotations
 
 import threading
 from datetime import timedelta
-from pathlib import Path
 
 import numpy as np
 import sqlalchemy as sa
@@ -96,7 +95,6 @@ def test_unreadable_dataset_fails_as_invalid_spec_with_a_one_line_message(backen
     assert "\n" not in done.failure_message and "Traceback" not in done.failure_message
 
 
-
 def test_a_dataset_missing_from_storage_fails_as_the_services_fault_naming_its_key(backend):
     """The database names a dataset whose file the store does not hold (an API and a worker that share no storage
     did this before storage keys): that is not the user's spec, and the failure says which key is missing."""
@@ -110,6 +108,7 @@ def test_a_dataset_missing_from_storage_fails_as_the_services_fault_naming_its_k
     done = backend.load(job.job_id)
     assert done.failure_class == "storage", done.failure_message
     assert f"datasets/{TENANT}/ds_gone0001.npz" in done.failure_message and "ds_gone0001" in done.failure_message
+
 
 def test_stored_spec_that_no_longer_validates_fails_as_invalid_spec(backend):
     job = backend.submit(make_spec())
