@@ -329,9 +329,12 @@ class DatasetCache:
             return store.materialize(key, self.folder, PurePosixPath(key).name)
         name = f"{sha256 or hashlib.sha256(key.encode()).hexdigest()}{PurePosixPath(key).suffix}"
         path = self.folder / name
-        if path.is_file():
+        try:
             os.utime(path)  # recently used
             return path
+        except FileNotFoundError:  # not fetched yet, or just evicted by another job
+            pass
+        self.folder.mkdir(parents=True, exist_ok=True)
         tmp = self.folder / f".{name}.{secrets.token_hex(4)}.part"
         try:
             store.fetch(key, tmp)
@@ -368,12 +371,18 @@ TRANSIENT_S3_CODES = frozenset(
     {"SlowDown", "ServiceUnavailable", "InternalError", "RequestTimeout", "Throttling", "ThrottlingException",
      "RequestTimeTooSkewed", "503", "500", "502", "504"}
 )  # fmt: skip
-MISSING_S3_CODES = frozenset({"NoSuchKey", "404", "NotFound"})
+# Only the store's own word for a missing key: a bare 404 may as well come from a wrong endpoint or a proxy, and
+# taking it for a missing checkpoint would start a job over instead of failing it.
+MISSING_S3_CODES = frozenset({"NoSuchKey"})
+# A folder store on a network filesystem that is away for now; other OS errors (no space, no permission, no such
+# source file) stay as they are until someone acts.
+TRANSIENT_ERRNOS = frozenset({errno.EIO, errno.ESTALE, errno.ETIMEDOUT, errno.ENOTCONN, errno.EHOSTDOWN,
+                              errno.EHOSTUNREACH, errno.ENETUNREACH, errno.ECONNREFUSED, errno.ECONNRESET})  # fmt: skip
 
 
 def _s3_error(key: str, doing: str, exc: BaseException) -> StorageError:
-    """A StorageError for what boto3 raised: ObjectMissing, StorageUnavailable (connection trouble, 5xx, throttling),
-    or a plain StorageError (no access, no bucket: a configuration to fix, not worth another try)."""
+    """A StorageError for what boto3 raised: ObjectMissing, StorageUnavailable (no connection, 5xx, throttling),
+    or a plain StorageError (no access, no bucket, a local file error: something to fix, not worth another try)."""
     from botocore.exceptions import BotoCoreError, ClientError
 
     for e in _chain(exc):  # s3transfer wraps the client's error in its own
@@ -383,7 +392,7 @@ def _s3_error(key: str, doing: str, exc: BaseException) -> StorageError:
                 return ObjectMissing(key)
             cls = StorageUnavailable if code in TRANSIENT_S3_CODES else StorageError
             return cls(key, f"cannot {doing} {key!r}: {code}: {e.response.get('Error', {}).get('Message', '')}")
-        if isinstance(e, BotoCoreError | OSError):
+        if isinstance(e, BotoCoreError | ConnectionError | TimeoutError):  # the network between us and the store
             return StorageUnavailable(key, f"cannot {doing} {key!r}: {_first_line(e)}")
     try:
         from urllib3.exceptions import HTTPError
@@ -396,8 +405,8 @@ def _s3_error(key: str, doing: str, exc: BaseException) -> StorageError:
 
 
 def _os_error(key: str, doing: str, exc: OSError) -> StorageError:
-    # A folder store that answers with an I/O error (a network filesystem away, a full disk) may answer later.
-    return StorageUnavailable(key, f"cannot {doing} {key!r}: {exc.strerror or exc}")
+    cls = StorageUnavailable if exc.errno in TRANSIENT_ERRNOS else StorageError
+    return cls(key, f"cannot {doing} {key!r}: {exc.strerror or exc}")
 
 
 def _chain(exc: BaseException) -> Iterator[BaseException]:

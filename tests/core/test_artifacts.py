@@ -3,7 +3,9 @@
 from __future__ import annotations
 
 import hashlib
+import http.server
 import os
+import threading
 from pathlib import Path
 
 import httpx
@@ -22,6 +24,7 @@ from core.artifacts import (
     retrying,
 )
 from core.config import Settings
+from tests.s3 import CREDENTIALS as S3_CREDENTIALS
 from tests.s3 import Proxy
 
 
@@ -164,3 +167,33 @@ def test_the_dataset_cache_fetches_once_verifies_and_evicts_the_least_recently_u
         store.put_file("datasets/t/ds_x.npz", _file(tmp_path / "x", b"tampered"))
         cache.path(store, "datasets/t/ds_x.npz", hashlib.sha256(b"original").hexdigest())
     assert not [p for p in (tmp_path / "cache").iterdir() if p.name.startswith(".")]  # no partial file kept
+
+
+def test_a_bare_404_is_not_taken_for_a_missing_object(tmp_path: Path, monkeypatch: pytest.MonkeyPatch):
+    """A wrong endpoint (or a proxy) answering 404 without the store's NoSuchKey is a configuration to fix: taking
+    it for a missing checkpoint would start a job over instead of failing it."""
+
+    class NotFound(http.server.BaseHTTPRequestHandler):
+        def do_GET(self) -> None:  # noqa: N802 - the standard library's name
+            self.send_response(404)
+            self.send_header("Content-Length", "0")
+            self.end_headers()
+
+        def log_message(self, *args: object) -> None:
+            pass
+
+    server = http.server.ThreadingHTTPServer(("127.0.0.1", 0), NotFound)
+    threading.Thread(target=server.serve_forever, daemon=True).start()
+    for name, value in S3_CREDENTIALS.items():
+        monkeypatch.setenv(name, value)
+    store = _s3(tmp_path, "s3://bucket/x", f"http://127.0.0.1:{server.server_address[1]}")
+    with pytest.raises(StorageError) as error:
+        retrying(lambda: store.read("artifacts/j/attempt-1/checkpoint.0.pt"), within_s=5, what="test")
+    assert not isinstance(error.value, ObjectMissing | StorageUnavailable) and "404" in str(error.value)
+    server.shutdown()
+
+
+def test_a_local_file_error_is_not_a_store_outage(store: Store, tmp_path: Path):
+    with pytest.raises(StorageError) as error:
+        retrying(lambda: store.put_file("artifacts/j/attempt-1/m", tmp_path / "never-written"), within_s=5, what="t")
+    assert not isinstance(error.value, StorageUnavailable)
