@@ -33,10 +33,13 @@ class Settings(BaseSettings):
     redis_url: str | None = Field(default=None, description="Redis for live notifications; polling only when unset")
     artifact_dir: Path = Field(
         default_factory=lambda f: f["home"] / "artifacts",
-        description="checkpoints and models; default {home}/artifacts",
+        description="checkpoints and models of the default store, and each worker's attempt folders; default "
+        "{home}/artifacts",
     )
     dataset_dir: Path = Field(
-        default_factory=lambda f: f["home"] / "datasets", description="uploaded datasets; default {home}/datasets"
+        default_factory=lambda f: f["home"] / "datasets",
+        description="uploaded datasets of the default store, and the API's spool of uploads being received; default "
+        "{home}/datasets",
     )
     storage_url: str | None = Field(
         default=None,
@@ -53,14 +56,15 @@ class Settings(BaseSettings):
         ge=0,
         le=7 * 24 * 3600,
         description="S3: model downloads redirect (307) to a presigned URL valid this long (s), so the bytes do not "
-        "pass through the API; 0 streams them through the API",
+        "pass through the API; the URL names the endpoint the API uses, so clients must reach it too; 0 streams "
+        "through the API",
     )
     storage_retry_s: float = Field(
         default=30.0,
         gt=0,
         le=3600,
-        description="how long a storage outage is retried, with backoff, before the upload, the download or the "
-        "attempt fails (s)",
+        description="how long a storage outage is retried, with backoff, before an upload answers 503, a checkpoint "
+        "is skipped (with a warning; the job keeps its last one) or the attempt fails as `storage` (s)",
     )
     dataset_cache_mb: int = Field(
         default=4096,
