@@ -23,6 +23,7 @@ from core.datasets import StorageQuotaExceeded
 from core.jobs import IdempotencyConflict, IllegalTransition, InvalidCursor, JobNotFound
 from core.spec import SpecError, spec_errors
 from core.storage import StorageFull, is_disk_full
+from core.studies import StudyIdempotencyConflict, TooManyTrials
 from core.submit import InvalidSpec, TooManyActiveJobs
 
 log = logging.getLogger(__name__)
@@ -158,6 +159,11 @@ async def _disk_or_internal(request: Request, exc: Exception) -> JSONResponse:
     return await _api_error(request, storage_full(f"{what}; try again once space is freed", retry_after_s))
 
 
+async def _too_many_trials(request: Request, exc: TooManyTrials) -> JSONResponse:
+    message = str(exc)
+    return error_response(422, "too_many_trials", message, [problem("seeds", message, "too_many_trials")])
+
+
 async def _storage_error(request: Request, exc: StorageError) -> JSONResponse:
     """The artifact store refused or did not answer (after its retries): 507 when its disk is full, else 503."""
     if is_disk_full(exc):
@@ -223,6 +229,8 @@ def install_error_handlers(app: FastAPI) -> None:
     app.add_exception_handler(TooManyActiveJobs, _too_many_jobs)
     app.add_exception_handler(IllegalTransition, _simple(409, "illegal_transition"))
     app.add_exception_handler(IdempotencyConflict, _simple(422, "idempotency_key_reused"))
+    app.add_exception_handler(StudyIdempotencyConflict, _simple(422, "idempotency_key_reused"))
+    app.add_exception_handler(TooManyTrials, _too_many_trials)
     app.add_exception_handler(JobNotFound, _simple(404, "not_found", lambda exc: f"no job {exc}"))
     app.add_exception_handler(InvalidCursor, _simple(400, "invalid_cursor"))
     app.add_exception_handler(StorageFull, _storage_full)

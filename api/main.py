@@ -26,6 +26,7 @@ from core.config import Settings
 from core.db import Database
 from core.dispatch import Send
 from core.spec import JobSpec
+from core.studyspec import StudySpec
 
 DESCRIPTION = """Submit deep-learning training jobs as specs, follow their metrics live, download the trained model.
 
@@ -112,6 +113,9 @@ def _openapi(app: FastAPI) -> dict[str, Any]:
         components = schema.setdefault("components", {}).setdefault("schemas", {})
         components.update(spec.pop("$defs", {}))
         components["JobSpec"] = spec
+        study = StudySpec.model_json_schema(ref_template="#/components/schemas/{model}", by_alias=True)
+        components.update(study.pop("$defs", {}))
+        components["StudySpec"] = study
         _document_page_limit(schema, app.state.settings.max_page_size)
         app.openapi_schema = schema
     return app.openapi_schema

@@ -7,7 +7,7 @@ from typing import Any, Literal
 
 from pydantic import BaseModel, ConfigDict, Field
 
-from core.models import Dataset, FailureClass, Job, JobStatus, JobTransition
+from core.models import Dataset, FailureClass, Job, JobStatus, JobTransition, Study, StudyStatus
 
 
 class Public(BaseModel):
@@ -95,6 +95,9 @@ class JobPublic(Public):
     advice: list[AdvicePublic] = Field(description="good practices the spec departs from; never a rejection")
     spec: dict[str, Any] = Field(description="the resolved spec: every default filled in")
     links: JobLinks
+    study_id: str | None = Field(None, description="the study this job is a trial of")
+    trial_number: int | None = Field(None, description="its number in the study")
+    params: dict[str, Any] | None = Field(None, description="the study's values this trial runs (spec path: value)")
 
     @classmethod
     def from_job(cls, job: Job) -> JobPublic:
@@ -118,6 +121,9 @@ class JobPublic(Public):
             advice=job.advice or [],
             spec=job.spec,
             links=job_links(job.job_id),
+            study_id=job.study_id,
+            trial_number=job.trial_number,
+            params=job.params,
         )
 
 
@@ -286,3 +292,111 @@ class QuotasPublic(Public):
     tenant: str
     limits: QuotaLimits
     usage: QuotaUsage
+
+
+# -------------------------------------------------------------------------------------------- studies
+
+
+class StudyBest(Public):
+    job_id: str
+    value: float
+
+
+class StudyPublic(Public):
+    id: str
+    name: str
+    status: StudyStatus
+    trials_planned: int = Field(description="points x seeds (fewer when a grid has run out of points)")
+    trials_created: int
+    cancel_requested: bool
+    best: StudyBest | None = Field(description="the trial with the best objective so far")
+    created_at: datetime
+    started_at: datetime | None
+    finished_at: datetime | None
+    advice: list[AdvicePublic]
+    spec: dict[str, Any] = Field(description="the study as stored: its base is the resolved job spec")
+
+    @classmethod
+    def from_study(cls, study: Study) -> StudyPublic:
+        best = None
+        if study.best_job_id is not None and study.best_value is not None:
+            best = StudyBest(job_id=study.best_job_id, value=study.best_value)
+        return cls(
+            id=study.study_id,
+            name=study.name,
+            status=study.status,
+            trials_planned=study.trials_planned,
+            trials_created=study.trials_created,
+            cancel_requested=study.cancel_requested,
+            best=best,
+            created_at=study.created_at,
+            started_at=study.started_at,
+            finished_at=study.finished_at,
+            advice=study.advice or [],
+            spec=study.spec,
+        )
+
+
+class TrialRow(Public):
+    number: int
+    job_id: str
+    params: dict[str, Any]
+    seed: int | None
+    status: JobStatus
+    value: float | None = Field(description="the objective: null while running, or when pruned, failed, cancelled")
+    epochs: int = Field(description="epochs trained")
+
+
+class Effect(Public):
+    diff: float = Field(description="this value's mean minus the best value's")
+    ci95: list[float] | None = Field(description="95% interval of the difference (Welch); null below 2 trials")
+    excludes_zero: bool | None
+
+
+class ValueSummary(Public):
+    value: Any
+    n: int = Field(description="trials with an objective")
+    mean: float | None
+    sd: float | None
+    ci95: list[float] | None = Field(description="95% interval of the mean (Student's t); null below 2 trials")
+    n_pruned: int
+    n_failed: int
+    effect: Effect | None = Field(description="against the best value; null for the best value itself")
+    verdict: Literal["best", "worse", "no clear difference", "inconclusive"]
+
+
+class ParameterVerdict(Public):
+    path: str
+    best_value: Any
+    values: list[ValueSummary]
+
+
+class BestTrial(Public):
+    number: int
+    job_id: str
+    params: dict[str, Any]
+    seed: int | None
+    value: float
+
+
+class Verdict(Public):
+    mode: Literal["max", "min"]
+    best_trial: BestTrial | None
+    parameters: list[ParameterVerdict]
+
+
+class StudyDetail(StudyPublic):
+    trials: list[TrialRow]
+    verdict: Verdict
+
+
+class StudiesPage(Public):
+    items: list[StudyPublic]
+    next_cursor: str | None
+
+
+class StudyTransitionPublic(Public):
+    from_: StudyStatus | None = Field(alias="from")
+    to: StudyStatus
+    at: datetime
+    reason: str | None

@@ -123,7 +123,12 @@ class Settings(BaseSettings):
     max_body_kb: int = Field(default=1024, ge=1, le=100_000, description="largest JSON request body (KiB)")
     default_page_size: int = Field(default=50, ge=1, description="items per page when the client asks for none")
     max_page_size: int = Field(default=1000, ge=1, le=100_000, description="most items one page may hold")
-    max_active_jobs_per_tenant: int = Field(default=100, ge=1, description="queued + running jobs a tenant may have")
+    max_active_jobs_per_tenant: int = Field(
+        default=100,
+        ge=1,
+        description="queued + running jobs a tenant may have; a study's trials count, and a study waits for room",
+    )
+    max_study_trials: int = Field(default=500, ge=1, le=100_000, description="most trials (points x seeds) of a study")
     request_body_timeout_s: float = Field(
         default=30.0,
         gt=0,

@@ -42,11 +42,27 @@ from core.spec import JobSpec
 TRANSITIONS: dict[JobStatus, frozenset[JobStatus]] = {
     JobStatus.queued: frozenset(map(JobStatus, ["running", "cancelled", "failed"])),
     JobStatus.running: frozenset(
-        map(JobStatus, ["succeeded", "early_stopped", "failed", "cancelling", "cancelled", "queued"])
+        map(JobStatus, ["succeeded", "early_stopped", "failed", "cancelling", "cancelled", "queued", "pruned"])
     ),
-    JobStatus.cancelling: frozenset(map(JobStatus, ["cancelled", "failed", "succeeded", "early_stopped"])),
+    JobStatus.cancelling: frozenset(map(JobStatus, ["cancelled", "failed", "succeeded", "early_stopped", "pruned"])),
     **{status: frozenset() for status in TERMINAL},
 }
+
+
+class TrialHooks:
+    """What a study's trial sets off in the transaction that changes it: core.studies, which builds on this module,
+    installs both when it is imported (every process that makes trials imports it)."""
+
+    def moved(self, session: Session, job: Job, to: JobStatus) -> None:
+        """A trial changed status."""
+        raise RuntimeError(f"job {job.job_id} is a study's trial, but core.studies is not loaded")
+
+    def reported(self, session: Session, job: Job, step: int) -> Any:
+        """A trial reported an epoch, at `step`: the pruner's decision when it is to stop, else None."""
+        raise RuntimeError(f"job {job.job_id} is a study's trial, but core.studies is not loaded")
+
+
+TRIAL_HOOKS = TrialHooks()
 
 
 class JobError(Exception):
@@ -147,6 +163,58 @@ def _insert_job(
     return job
 
 
+def insert_trial(
+    session: Session,
+    *,
+    tenant_id: str,
+    study_id: str,
+    number: int,
+    point: int,
+    seed: int,
+    params: dict[str, Any],
+    spec: JobSpec,
+    advice: list[dict[str, Any]],
+    queue: str,
+) -> Job:
+    """Add a study's trial as a queued job, in the caller's transaction (core.studies, under the study's lock)."""
+    job = Job(
+        job_id=new_id("job_"),
+        tenant_id=tenant_id,
+        name=spec.name,
+        spec=spec.model_dump(mode="json"),
+        advice=advice,
+        queue=queue,
+        max_attempts=spec.resources.max_attempts,
+        status=JobStatus.queued,
+        study_id=study_id,
+        trial_number=number,
+        trial_point=point,
+        trial_seed=seed,
+        params=params,
+    )
+    session.add(job)
+    session.flush()
+    _record_transition(session, job, None, JobStatus.queued, f"trial {number} of study {study_id}", job.created_at)
+    return job
+
+
+def fail_unstarted(session: Session, job: Job, message: str) -> None:
+    """Fail a queued job whose spec cannot run, in the caller's transaction (a study's trial whose sampled values
+    the spec refuses)."""
+    _fail(session, job, FailureClass.invalid_spec, message, utcnow())
+
+
+def json_safe(value: Any) -> Any:
+    """`value` with NaN and infinities spelled as strings, as the JSON columns store them."""
+    return _json_safe(value)
+
+
+def undispatched_trials(session: Session, study_id: str) -> list[Job]:
+    """A study's queued trials not yet sent to the broker, in trial order."""
+    query = select(Job).where(Job.study_id == study_id, Job.status == JobStatus.queued, Job.dispatched_at.is_(None))
+    return list(session.scalars(query.order_by(Job.trial_number).execution_options(populate_existing=True)))
+
+
 def mark_dispatched(*, session: Session, job_ids: str | Iterable[str], now: datetime | None = None) -> None:
     """Record that these queued jobs were sent to the broker (the outbox's "sent" mark)."""
     ids = [job_ids] if isinstance(job_ids, str) else list(job_ids)
@@ -208,18 +276,28 @@ def heartbeat(*, session: Session, job_id: str, attempt: int, lease_s: float) ->
         return HeartbeatResult(alive=True, cancel_requested=job.cancel_requested)
 
 
-def record_events(*, session: Session, job_id: str, attempt: int, events: Sequence[Any]) -> bool:
+def record_events(
+    *, session: Session, job_id: str, attempt: int, events: Sequence[Any], prune: list[Any] | None = None
+) -> bool:
     """Store a batch of engine events (core.engine.callbacks.Event or dicts with the same keys) of the attempt
     that holds the job, and the metric points of its epoch_end and test events; False, storing nothing, when that
-    attempt was fenced out. Replayed metrics are ignored."""
+    attempt was fenced out. Replayed metrics are ignored. A study's trial that reports an epoch gets its pruner's
+    decision in the same transaction: when the trial is to stop, the decision (core.pruning.Decision) is appended
+    to `prune` and a `pruned` event is stored."""
     with committing(session):
-        if _fenced(session, job_id, attempt) is None:
+        job = _fenced(session, job_id, attempt)
+        if job is None:
             return False
         rows = [_event_row(job_id, attempt, event) for event in events]
         if rows and attempt > 1:
             _supersede_replayed(session, job_id, attempt, rows)
         if rows:
             _insert_events(session, rows)
+        epochs = [row["step"] for row in rows if row["kind"] == EventKind.epoch_end]
+        if job.study_id is not None and epochs:
+            decision = TRIAL_HOOKS.reported(session, job, max(epochs))
+            if decision is not None and prune is not None:
+                prune.append(decision)
     return True
 
 
@@ -390,6 +468,7 @@ def list_jobs(
     *,
     status: JobStatus | str | Sequence[JobStatus | str] | None = None,
     name: str | None = None,
+    study_id: str | None = None,
     cursor: str | None = None,
     limit: int = 50,
 ) -> tuple[list[Job], str | None]:
@@ -403,6 +482,8 @@ def list_jobs(
         query = query.where(Job.status.in_([JobStatus(s) for s in statuses]))
     if name is not None:
         query = query.where(Job.name == name)
+    if study_id is not None:
+        query = query.where(Job.study_id == study_id)
     if cursor is not None:
         created_at, job_id = decode_cursor(cursor)
         query = query.where(or_(Job.created_at < created_at, and_(Job.created_at == created_at, Job.job_id < job_id)))
@@ -461,6 +542,8 @@ def _transition(session: Session, job: Job, to: JobStatus, *, reason: str, now: 
     job.status = to
     if to in TERMINAL:
         job.finished_at, job.lease_expires_at = now, None
+    if job.study_id is not None:
+        TRIAL_HOOKS.moved(session, job, to)
 
 
 def _record_transition(

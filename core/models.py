@@ -57,6 +57,7 @@ class JobStatus(enum.StrEnum):
     early_stopped = "early_stopped"
     failed = "failed"
     cancelled = "cancelled"
+    pruned = "pruned"  # a study's pruner stopped the trial: its curve trailed the others' (core.studies)
 
     @property
     def is_terminal(self) -> bool:
@@ -81,7 +82,21 @@ class JobStatus(enum.StrEnum):
         return tuple(status for status in cls if status.is_active)
 
 
-TERMINAL = frozenset({JobStatus.succeeded, JobStatus.early_stopped, JobStatus.failed, JobStatus.cancelled})
+TERMINAL = frozenset(
+    {JobStatus.succeeded, JobStatus.early_stopped, JobStatus.failed, JobStatus.cancelled, JobStatus.pruned}
+)
+
+
+class StudyStatus(enum.StrEnum):
+    queued = "queued"  # no trial has started yet
+    running = "running"
+    succeeded = "succeeded"  # every trial ended, and at least one has an objective value
+    failed = "failed"  # every trial ended without one
+    cancelled = "cancelled"
+
+    @property
+    def is_terminal(self) -> bool:
+        return self in (StudyStatus.succeeded, StudyStatus.failed, StudyStatus.cancelled)
 
 
 class FailureClass(enum.StrEnum):
@@ -168,6 +183,7 @@ class Job(Base):
         Index("ix_job_tenant_created", "tenant_id", "created_at", "job_id"),
         Index("ix_job_tenant_status_created", "tenant_id", "status", "created_at", "job_id"),
         Index("ix_job_status_lease", "status", "lease_expires_at"),  # the reaper and the outbox
+        UniqueConstraint("study_id", "trial_number"),  # a trial is created once, whoever creates it
     )
 
     job_id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("job_"))
@@ -203,6 +219,72 @@ class Job(Base):
     checkpoint_key: Mapped[str | None] = mapped_column(String(1024))  # keys in the artifact store (core.artifacts)
     checkpoint_step: Mapped[int | None]
     model_key: Mapped[str | None] = mapped_column(String(1024))
+
+    # A study's trial: which study, its number there, the point of the space it runs and with which seed.
+    study_id: Mapped[str | None] = mapped_column(ForeignKey("study.study_id", ondelete="CASCADE"))
+    trial_number: Mapped[int | None]
+    trial_point: Mapped[int | None]
+    trial_seed: Mapped[int | None] = mapped_column(BigInteger)
+    params: Mapped[dict[str, Any] | None]  # spec path -> value
+    pruner_state: Mapped[dict[str, Any] | None]  # what the pruner keeps about the trial (Optuna's system attrs)
+
+
+class Study(Base):
+    """A comparison of trials (jobs) over a space of spec values and seeds; its spec is core.studyspec.StudySpec."""
+
+    __tablename__ = "study"
+    __table_args__ = (
+        UniqueConstraint("tenant_id", "idempotency_key"),
+        Index("ix_study_tenant_created", "tenant_id", "created_at", "study_id"),
+        Index("ix_study_status", "status"),
+    )
+
+    study_id: Mapped[str] = mapped_column(String(40), primary_key=True, default=lambda: new_id("stu_"))
+    tenant_id: Mapped[str] = mapped_column(ForeignKey("tenant.tenant_id", ondelete="CASCADE"))
+    name: Mapped[str] = mapped_column(String(200))
+    status: Mapped[StudyStatus] = mapped_column(_enum(StudyStatus, "status"), default=StudyStatus.queued)
+    spec: Mapped[dict[str, Any]]
+    advice: Mapped[list[Any]] = mapped_column(default=list)
+    idempotency_key: Mapped[str | None] = mapped_column(String(255))
+    request_hash: Mapped[str | None] = mapped_column(String(64))
+    trials_planned: Mapped[int]  # points x seeds; lowered when a grid runs out of points
+    trials_created: Mapped[int] = mapped_column(default=0)  # the next trial's number
+    cancel_requested: Mapped[bool] = mapped_column(default=False)
+    best_job_id: Mapped[str | None] = mapped_column(String(40))
+    best_value: Mapped[float | None] = mapped_column(Double)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
+    updated_at: Mapped[datetime] = mapped_column(default=utcnow, onupdate=utcnow)
+    started_at: Mapped[datetime | None]
+    finished_at: Mapped[datetime | None]
+
+
+class StudyTransition(Base):
+    """The study's lifecycle log: one row per status change, never updated."""
+
+    __tablename__ = "study_transition"
+
+    study_transition_id: Mapped[int] = mapped_column(Integer, primary_key=True, autoincrement=True)
+    study_id: Mapped[str] = mapped_column(ForeignKey("study.study_id", ondelete="CASCADE"), index=True)
+    from_status: Mapped[StudyStatus | None] = mapped_column(_enum(StudyStatus, "from_status"))
+    to_status: Mapped[StudyStatus] = mapped_column(_enum(StudyStatus, "to_status"))
+    at: Mapped[datetime] = mapped_column(default=utcnow)
+    reason: Mapped[str | None] = mapped_column(Text)
+
+
+class StudyEvent(Base):
+    """What happened in a study (trial created, started, ended or pruned, new best, study ended); study_event_id is
+    the cursor of its event stream."""
+
+    __tablename__ = "study_event"
+    __table_args__ = (Index("ix_study_event_cursor", "study_id", "study_event_id"),)
+
+    study_event_id: Mapped[int] = mapped_column(EventId, primary_key=True, autoincrement=True)
+    study_id: Mapped[str] = mapped_column(ForeignKey("study.study_id", ondelete="CASCADE"))
+    kind: Mapped[str] = mapped_column(String(32))
+    job_id: Mapped[str | None] = mapped_column(String(40))
+    trial_number: Mapped[int | None]
+    data: Mapped[dict[str, Any]] = mapped_column(default=dict)
+    created_at: Mapped[datetime] = mapped_column(default=utcnow)
 
 
 class JobEvent(Base):

@@ -9,7 +9,7 @@ from typing import Any
 
 from celery import signals
 
-from core import jobs
+from core import jobs, studies
 from core.config import Settings
 from core.db import Database
 from core.dispatch import Send, dispatch
@@ -24,7 +24,9 @@ def sweep(settings: Settings, db: Database, send: Send) -> dict[str, int]:
     """One pass. Safe to run in several workers at once: the database settles each job exactly once, and a job
     sent twice is harmless because only one claim of it succeeds."""
     with db.session() as session:
+        session.info[studies.MAX_ACTIVE_JOBS] = settings.max_active_jobs_per_tenant
         requeued = jobs.requeue_expired(session=session)  # they come back undispatched, so they are sent below
+        studies.sweep(session)  # next trials lost with a process, or waiting for room: sent below too
     with db.session(read_only=True) as session:
         pending = jobs.undispatched_jobs(session, limit=BATCH, redispatch_after_s=settings.redispatch_after_s)
     with db.session() as session:

@@ -9,6 +9,7 @@ import shutil
 import threading
 import time
 from pathlib import Path
+from typing import Any
 
 from sqlalchemy.exc import OperationalError
 
@@ -59,9 +60,12 @@ class DBReporter(Callback):
         self._buffer: list[Event] = []
         self._last_flush = time.monotonic()
         self._slot = 0  # the snapshot slot the next checkpoint goes to; the database points at another one
+        self.pruned: Any = None  # the study's pruner's decision (core.pruning.Decision) once it says stop
 
     def on_event(self, ctx: RunContext, event: Event) -> None:
         self.add(event)
+        if self.pruned is not None:
+            ctx.stop("pruned")  # at the end of the epoch just reported: the engine checkpoints and finishes
 
     def add(self, event: Event) -> None:
         """Buffer an event; store the buffer now unless it is progress that arrived soon after the last batch."""
@@ -119,9 +123,12 @@ class DBReporter(Callback):
         """Store the buffered events; they stay buffered (for the next flush) while the database is away."""
         if not self._buffer:
             return
+        decisions: list[Any] = []
         try:
             with self.db.session() as session:
-                ok = jobs.record_events(session=session, job_id=self.job_id, attempt=self.attempt, events=self._buffer)
+                ok = jobs.record_events(
+                    session=session, job_id=self.job_id, attempt=self.attempt, events=self._buffer, prune=decisions
+                )
         except OperationalError as exc:
             self._away(exc, "job %s: %d events kept for the next flush: %s", self.job_id, len(self._buffer), exc)
             return
@@ -130,6 +137,8 @@ class DBReporter(Callback):
         if not ok:
             self.fence()
         self._buffer.clear()
+        if decisions:
+            self.pruned = decisions[0]
         publish(self.redis_url, self.job_id)
 
     def check(self) -> None:

@@ -16,10 +16,11 @@ import torch
 from pydantic import ValidationError
 from sqlalchemy.exc import OperationalError
 
-from core import jobs
+from core import jobs, studies
 from core.artifacts import DatasetCache, ObjectMissing, StorageError, Store, artifact_key, open_store, retrying
 from core.config import Settings
 from core.db import Database
+from core.dispatch import Send, dispatch
 from core.engine.callbacks import Event, StopFlag
 from core.engine.events import EventKind
 from core.models import Dataset, FailureClass, Job, JobStatus
@@ -48,7 +49,15 @@ class Outcome:
     model_key: str | None = None  # where it is stored
 
 
-def run_job(job_id: str, *, worker_id: str, settings: Settings, db: Database, store: Store | None = None) -> str:
+def run_job(
+    job_id: str,
+    *,
+    worker_id: str,
+    settings: Settings,
+    db: Database,
+    store: Store | None = None,
+    send: Send | None = None,
+) -> str:
     """Run the next attempt of a queued job. Returns the terminal status it ended with, "dropped" when there was
     nothing to claim (a duplicate or stale message), "fenced" when the attempt lost its lease and stopped
     without writing anything more, or "stopped" when the database had no space left to record how it ended."""
@@ -79,7 +88,7 @@ def run_job(job_id: str, *, worker_id: str, settings: Settings, db: Database, st
             if outcome.status == JobStatus.failed:  # before the last writes, which may need the space it frees
                 clean_attempt(folder, [_own_file(store, reporter.checkpoint_key), _own_file(store, outcome.model_key)])
             reporter.flush()  # the last events (the test metrics come after on_train_end)
-            _finish(claim, outcome, db)
+            _finish(claim, outcome, db, settings, send)
     except Fenced:
         log.warning("job %s: attempt %d was fenced out; it stopped and wrote nothing more", job_id, claim.attempt)
         return "fenced"
@@ -291,8 +300,9 @@ def _first_line(exc: BaseException) -> str:
     return text.splitlines()[0] if text else "(no message)"
 
 
-def _finish(claim: jobs.Claim, outcome: Outcome, db: Database) -> None:
+def _finish(claim: jobs.Claim, outcome: Outcome, db: Database, settings: Settings, send: Send | None) -> None:
     with db.session() as session:
+        session.info[studies.MAX_ACTIVE_JOBS] = settings.max_active_jobs_per_tenant
         finished = jobs.finish_job(
             session=session,
             job_id=claim.job_id,
@@ -305,8 +315,11 @@ def _finish(claim: jobs.Claim, outcome: Outcome, db: Database) -> None:
             best_metrics=outcome.best_metrics,
             model_key=outcome.model_key,
         )
-    if not finished:
-        raise Fenced(f"job {claim.job_id}: attempt {claim.attempt} lost the job before it could finish")
+        if not finished:
+            raise Fenced(f"job {claim.job_id}: attempt {claim.attempt} lost the job before it could finish")
+        study_id = session.get_one(Job, claim.job_id).study_id
+        if study_id is not None and send is not None:  # the study's next trials, made as this one ended: now
+            dispatch(session, jobs.undispatched_trials(session, study_id), send)
 
 
 class Heartbeat:

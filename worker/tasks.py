@@ -27,7 +27,7 @@ def run_job(self: Any, job_id: str) -> str:
     """Run the next attempt of a job if it is still queued; a duplicate or stale message is dropped."""
     app: WorkerApp = self.app
     worker_id = f"{self.request.hostname or socket.gethostname()}/{os.getpid()}"
-    return runner.run_job(job_id, worker_id=worker_id, settings=app.settings, db=app.db)
+    return runner.run_job(job_id, worker_id=worker_id, settings=app.settings, db=app.db, send=app.send_run_job)
 
 
 @shared_task(name=SUBMIT_TASK, bind=True)

@@ -4,10 +4,19 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from api.routes import datasets, events, health, jobs, metrics, quotas, specs
+from api.routes import datasets, events, health, jobs, metrics, quotas, specs, studies
 from core.config import Settings
 
-ROUTERS = (health.router, jobs.router, metrics.router, events.router, specs.router, datasets.router, quotas.router)
+ROUTERS = (
+    health.router,
+    jobs.router,
+    metrics.router,
+    events.router,
+    studies.router,
+    specs.router,
+    datasets.router,
+    quotas.router,
+)
 
 
 def include_routers(app: FastAPI) -> None:

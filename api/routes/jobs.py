@@ -97,11 +97,12 @@ def list_jobs(
     limit: PageLimitDep,
     status: Annotated[list[str] | None, Query(description="keep these statuses (comma-separated or repeated)")] = None,
     name: Annotated[str | None, Query(max_length=200, description="keep jobs with exactly this name")] = None,
+    study: Annotated[str | None, Query(max_length=40, description="keep the trials of this study")] = None,
     cursor: Annotated[str | None, Query(description="next_cursor of the previous page")] = None,
 ) -> JobsPage:
     """The tenant's jobs, newest first; filters apply before the page limit."""
     items, next_cursor = jobs.list_jobs(
-        session, tenant, status=_statuses(status), name=name, cursor=cursor, limit=limit
+        session, tenant, status=_statuses(status), name=name, study_id=study, cursor=cursor, limit=limit
     )
     return JobsPage(items=[JobPublic.from_job(job) for job in items], next_cursor=next_cursor)
 

@@ -19,6 +19,7 @@ class EventKind(enum.StrEnum):
     test = "test"  # the final metrics on the test split
     diverged = "diverged"  # the training loss is not finite: the run fails
     status = "status"  # a job's lifecycle transition, recorded by the database layer, not by the engine
+    pruned = "pruned"  # a study's pruner stopped the trial (its rule, epoch, value and threshold); database layer
 
     @property
     def is_metric(self) -> bool:

@@ -28,6 +28,7 @@ STATUS_BY_REASON = {
     None: "succeeded",
     "early_stop": "early_stopped",
     "cancelled": "cancelled",
+    "pruned": "pruned",  # a study's pruner asked the run to stop (the service's StopFlag)
     "timeout": "failed",
     "diverged": "failed",
 }
@@ -37,8 +38,8 @@ STATUS_BY_REASON = {
 class RunResult:
     """What a run ended with; `metrics` are the final values, test metrics included."""
 
-    status: str  # succeeded | early_stopped | cancelled | failed
-    stop_reason: str | None  # early_stop | cancelled | timeout | diverged
+    status: str  # succeeded | early_stopped | cancelled | pruned | failed
+    stop_reason: str | None  # early_stop | cancelled | pruned | timeout | diverged
     epochs_run: int
     best_epoch: int | None
     metrics: dict[str, float | None]

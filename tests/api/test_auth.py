@@ -26,7 +26,7 @@ def protected_operations(client: TestClient) -> list[tuple[str, str]]:
     """(method, url) of every operation in the OpenAPI document that needs a key, ids filled with dummies."""
     paths = client.get("/openapi.json").json()["paths"]
     return [
-        (method.upper(), path.format(job_id="job_x", dataset_id="ds_x"))
+        (method.upper(), path.format(job_id="job_x", dataset_id="ds_x", study_id="stu_x"))
         for path, operations in paths.items()
         if path not in OPEN_PATHS
         for method in operations
