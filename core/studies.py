@@ -233,6 +233,7 @@ def advance(session: Session, study_id: str, *, max_active_jobs: int | None = No
         return []
     spec = StudySpec.model_validate(study.spec)
     trials = _trials(session, study_id)
+    session.flush()  # a trial that just ended is seen as ended
     if max_active_jobs is None:
         max_active_jobs = session.info.get(MAX_ACTIVE_JOBS)
     active = sum(1 for t in trials if t.status.is_active)
@@ -325,9 +326,14 @@ def _make_trial(
 
 
 def _maybe_finish(session: Session, study: Study, trials: list[Job]) -> None:
-    if study.status.is_terminal or study.trials_created < study.trials_planned:
+    """End the study once no trial is active and none is to come: `cancelled` when a cancel was asked for, else
+    `succeeded` when a trial has an objective value, `failed` when none has."""
+    if study.status.is_terminal or any(not t.status.is_terminal for t in trials):
         return
-    if any(not t.status.is_terminal for t in trials):
+    if study.cancel_requested:
+        _move(session, study, StudyStatus.cancelled, "cancelled")
+        return
+    if study.trials_created < study.trials_planned:
         return
     succeeded = any(_stored_value(t) is not None for t in trials)
     status = StudyStatus.succeeded if succeeded else StudyStatus.failed
@@ -469,24 +475,26 @@ def _epochs_used(session: Session, job_id: str) -> int:
 
 
 def request_cancel(*, session: Session, study_id: str, tenant_id: str) -> list[str]:
-    """Cancel a study, idempotently: no trial is made any more, and the study ends `cancelled`. Returns its active
-    trials, which the caller cancels one by one (each in its own transaction: a running one saves a checkpoint,
-    a queued one never starts). Raises StudyNotFound."""
+    """Ask a study to stop, idempotently: no trial is made any more. Returns its active trials, which the caller
+    cancels one by one (each in its own transaction: a queued one never starts, a running one saves a checkpoint);
+    the study ends `cancelled` when the last of them has ended. Raises StudyNotFound."""
     with committing(session):
         study = _locked(session, study_id)
         if study is None or study.tenant_id != tenant_id:
             raise StudyNotFound(study_id)
-        if not study.status.is_terminal:
+        if not study.status.is_terminal and not study.cancel_requested:
             study.cancel_requested = True
-            _move(session, study, StudyStatus.cancelled, "cancel requested")
+            _event(session, study, "cancel_requested", None, {})
         query = select(Job.job_id).where(Job.study_id == study_id, Job.status.in_(JobStatus.active()))
         return list(session.scalars(query))
 
 
 def cancel(*, session: Session, study_id: str, tenant_id: str) -> Study:
-    """request_cancel, then cancel each active trial."""
+    """request_cancel, then cancel each active trial; the study is `cancelled` at once when none was running."""
     for job_id in request_cancel(session=session, study_id=study_id, tenant_id=tenant_id):
         jobs.request_cancel(session=session, job_id=job_id, tenant_id=tenant_id)
+    with committing(session):
+        advance(session, study_id)  # ends it now when no trial is left running
     study = get_study(session, tenant_id, study_id)
     assert study is not None
     return study

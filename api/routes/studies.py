@@ -133,7 +133,8 @@ def read_study(study_id: StudyIdPath, session: SessionDep, tenant: TenantDep) ->
 @router.post("/{study_id}/cancel")
 def cancel_study(study_id: StudyIdPath, session: WriteSessionDep, tenant: TenantDep) -> StudyPublic:
     """Cancel the study; idempotent. No trial is made any more; queued trials are cancelled, running ones save a
-    checkpoint and end `cancelled`."""
+    checkpoint and end `cancelled`, and the study ends `cancelled` once none is left running (at once when none
+    was: until then it answers with cancel_requested true)."""
     try:
         study = studies.cancel(session=session, study_id=study_id, tenant_id=tenant)
     except studies.StudyNotFound:
@@ -145,7 +146,10 @@ def cancel_study(study_id: StudyIdPath, session: WriteSessionDep, tenant: Tenant
 def read_transitions(study_id: StudyIdPath, session: SessionDep, tenant: TenantDep) -> list[StudyTransitionPublic]:
     """The study's lifecycle log, oldest first."""
     study = _study(session, tenant, study_id)
-    return [StudyTransitionPublic.model_validate(t) for t in studies.list_transitions(session, study.study_id)]
+    return [
+        StudyTransitionPublic(from_=t.from_status, to=t.to_status, at=t.at, reason=t.reason)
+        for t in studies.list_transitions(session, study.study_id)
+    ]
 
 
 @router.get(
