@@ -415,8 +415,9 @@ def prune_decision(session: Session, job: Job, step: int) -> Decision | None:
     job.pruner_state = {**(job.pruner_state or {}), "optuna": decision.system_attrs}
     if not decision.prune:
         return None
+    # `compared` is what the rule held against the threshold: for the median rule, the trial's best so far.
     data = {"rule": decision.rule, "metric": metric, "epoch": decision.step, "value": decision.value,
-            "threshold": decision.threshold}  # fmt: skip
+            "compared": decision.compared, "threshold": decision.threshold}  # fmt: skip
     session.add(JobEvent(job_id=job.job_id, attempt=job.attempt, kind=EventKind.pruned, step=step,
                          epoch=decision.step, data=data, created_at=_utcnow()))  # fmt: skip
     return decision

@@ -123,7 +123,7 @@ def test_the_pruner_stops_a_trailing_trial_which_keeps_its_checkpoint_and_curve(
     assert backend.stored_file(pruned.checkpoint_key).is_file()
     [event] = backend.events(pruned.job_id, "pruned")
     assert event.data["rule"] == "median" and event.data["metric"] == "val/loss" and event.epoch == 2
-    assert event.data["value"] > event.data["threshold"]  # a loss above the median of the finished trial
+    assert event.data["compared"] > event.data["threshold"]  # its best loss above the median of the finished trial
     epochs = [e.epoch for e in backend.events(pruned.job_id, "epoch_end")]
     assert epochs == [1, 2]  # its partial curve stays readable, cut at the decision
     assert backend.statuses(pruned.job_id)[-1] == "pruned"
