@@ -67,7 +67,20 @@ class SyntheticSpec(Strict):
         description="per-example shape: [C, L] for 1-D signals or [C, H, W] for images; null for flat vectors",
     )
     class_sep: float = Field(1.0, gt=0, le=100, description="distance between class centres (feature units)")
+    scale_range: tuple[float, float] | None = Field(
+        None,
+        description="[low, high]: give the features very different scales, as tabular data has (an age in years, a "
+        "distance in kilometres): feature j is multiplied by a scale between low and high (log-spaced, in a "
+        "shuffled order) and shifted by twice it, so every feature is positive; null keeps unit scales",
+    )
     seed: Seed = Field(0, description="seed of the generator")
+
+    @field_validator("scale_range")
+    @classmethod
+    def _scales(cls, v: tuple[float, float] | None) -> tuple[float, float] | None:
+        if v is not None and not 0 < v[0] <= v[1] <= 1e9:
+            raise ValueError("scale_range needs 0 < low <= high <= 1e9")
+        return v
 
     @field_validator("shape")
     @classmethod

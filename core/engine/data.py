@@ -147,6 +147,10 @@ def _synthetic(s: SyntheticSpec) -> Raw:
     centres = rng.normal(0.0, s.class_sep / np.sqrt(2), (s.n_classes, n_feat)).astype(np.float32)
     y = rng.permutation(np.arange(s.n_samples) % s.n_classes)
     x = centres[y] + rng.standard_normal((s.n_samples, n_feat), dtype=np.float32)
+    if s.scale_range is not None:  # tabular features in units of their own: years, kilometres, grams...
+        low, high = s.scale_range
+        scales = rng.permutation(np.geomspace(low, high, n_feat)).astype(np.float32)
+        x = x * scales + 2 * scales
     return _numbered(s.n_classes, x.reshape(-1, *shape), y.astype(np.int64))
 
 

@@ -292,3 +292,16 @@ def test_signal_file_rejects_vertical_flip_but_allows_horizontal(tmp_path):
         load_data(make_spec(dataset=path, augment={"flip": {"vertical": True}}))
     assert e.value.path == "data.augment.flip.vertical"
     assert load_data(make_spec(dataset=path, augment={"flip": {}, "contrast": {}})).kind == "signal"
+
+
+def test_synthetic_features_can_have_scales_of_their_own_which_standardize_undoes():
+    scaled = {"n_samples": 600, "n_features": 8, "scale_range": [1.0, 10_000.0]}
+    raw = load_data(make_spec(dataset="builtin:synthetic", synthetic=scaled, normalize="none"))
+    spread = raw.x_train.std(dim=0)
+    assert float(spread.max() / spread.min()) > 1000 and bool((raw.x_train > 0).float().mean() > 0.95)
+    unit = load_data(
+        make_spec(dataset="builtin:synthetic", synthetic={**scaled, "scale_range": None}, normalize="none")
+    )
+    assert float(unit.x_train.std(dim=0).max()) < 3  # without it, every feature is on one scale
+    standard = load_data(make_spec(dataset="builtin:synthetic", synthetic=scaled, normalize="standardize"))
+    assert torch.allclose(standard.x_train.std(dim=0), torch.ones(8), atol=0.05)
