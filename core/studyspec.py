@@ -16,7 +16,7 @@ from core.spec import Seed, Strict
 
 MAX_PATHS = 16
 MAX_VALUES = 64
-METRIC = r"^(train|val|test)/[a-z][a-z0-9_]{0,40}$"
+METRIC = r"^(train|val|test|model)/[a-z][a-z0-9_]{0,40}$"
 DEFAULT_SEED_PATHS = ("train.seed", "data.split.seed")
 KINDS = {"grid": "grid", "choice": "choice", "uniform": "uniform", "loguniform": "loguniform", "int": "integer"}
 

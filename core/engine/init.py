@@ -78,3 +78,17 @@ def _init_weight(w: torch.Tensor, scheme: str, spec: ModelSpec, g: torch.Generat
         nn.init.orthogonal_(w, gain, generator=g)
     else:
         raise ValueError(f"unknown init scheme {scheme!r}")
+
+
+def distinct_units(model: nn.Module, rel_tol: float = 1e-6) -> int:
+    """How many different units the model's first layer has: its output units whose incoming weights and bias
+    differ from every other's by more than `rel_tol` of the layer's largest weight. Zero initialization gives every
+    unit the same gradient, so they stay one unit however long the model trains (the article's symmetry claim)."""
+    layer = next((m for m in model.modules() if isinstance(m, nn.Linear | nn.Conv1d | nn.Conv2d)), None)
+    if layer is None:
+        return 0
+    rows = layer.weight.detach().reshape(layer.weight.shape[0], -1)
+    if layer.bias is not None:
+        rows = torch.cat([rows, layer.bias.detach().reshape(-1, 1)], dim=1)
+    scale = float(rows.abs().max()) or 1.0
+    return int(torch.unique(torch.round(rows.float() / (scale * rel_tol)), dim=0).shape[0])

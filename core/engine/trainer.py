@@ -17,7 +17,7 @@ from core.engine.augment import Augmenter
 from core.engine.callbacks import Callback, CallbackList, RunContext, TimeLimit
 from core.engine.data import DataBundle, load_data
 from core.engine.events import EventKind
-from core.engine.init import initialize
+from core.engine.init import distinct_units, initialize
 from core.engine.models import Net, build_model
 from core.engine.optim import Schedule, build_optimizer
 from core.engine.stopping import EarlyStopping
@@ -316,7 +316,10 @@ def _finish(run: Run) -> RunResult:
     if ctx.stop_reason != "diverged" and run.data.x_test.shape[0]:
         test_loss, test_acc = evaluate(run, run.data.x_test, run.data.y_test)
         metrics.update({"test/loss": _clean(test_loss), "test/acc": _clean(test_acc)})
-        ctx.emit(EventKind.test, {"test/loss": metrics["test/loss"], "test/acc": metrics["test/acc"]})
+        # How many of the first layer's units are still different from each other (zero init: one).
+        metrics["model/distinct_units"] = distinct_units(run.model)
+        final = {k: metrics[k] for k in ("test/loss", "test/acc", "model/distinct_units")}
+        ctx.emit(EventKind.test, final)
     model_path = None
     if run.out_dir is not None:
         model_path = ckpt.save_model(run.model, run.out_dir / ckpt.MODEL_NAME, spec.model_dump_json())

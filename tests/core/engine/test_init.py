@@ -6,9 +6,11 @@ import pytest
 import torch
 from torch import nn
 
+from core.engine import train
 from core.engine.init import initialize, resolve_init
 from core.engine.models import build_model
-from core.spec import ModelSpec
+from core.spec import JobSpec, ModelSpec
+from tests.factories import make_spec as make_job_spec
 
 
 def make_spec(**overrides) -> ModelSpec:
@@ -132,3 +134,14 @@ def test_equal_initial_weights_keep_every_hidden_unit_identical(init):
 def test_random_initialization_breaks_the_symmetry():
     for w in hidden_weights_after_sgd("he_normal"):
         assert not torch.allclose(w, w[:1].expand_as(w))
+
+
+@pytest.mark.parametrize(("init", "units"), [("zeros", 1), ("constant", 1), ("he_normal", 16)])
+def test_the_final_metrics_count_the_first_layers_distinct_units(init: str, units: int):
+    """Zero (or any constant) initialization gives every unit the same gradient: after training they are still one
+    unit, which the run reports as model/distinct_units; a random scheme keeps them all apart."""
+    spec = JobSpec.model_validate(
+        make_job_spec(model={"arch": "mlp", "layers": [16], "init": init}, train={"epochs": 2})
+    )
+    result = train(spec, [])
+    assert result.metrics["model/distinct_units"] == units
