@@ -20,9 +20,10 @@ says what to do, and the reaper re-sends whatever a lost or duplicated message w
   replaces the exited process at once (worker/prefork.py), so the next job starts at once; the parent imports what a
   job needs before it forks (worker/preload.py), so a job's process starts warm.
 - Queues: `cpu` and `gpu` carry `run_job` (sent explicitly by `send_run_job`); Celery's default queue `celery` carries
-  `submit_job` and `reap`, so another service can submit with a bare `send_task`. Every worker consumes `celery`
-  besides its -Q queues (default `cpu`); GPU workers run with `-Q gpu` (or `cpu,gpu`). A submission waits while a
-  worker's only process trains, so keep one worker free or run a small `-Q celery` worker for submissions.
+  `submit_job`, `submit_study` and `reap`, so another service can submit with a bare `send_task`. Every worker
+  consumes `celery` besides its -Q queues (default `cpu`); GPU workers run with `-Q gpu` (or `cpu,gpu`). A submission
+  waits while a worker's only process trains, so keep one worker free or run a small `-Q celery` worker for
+  submissions.
 """
 
 from __future__ import annotations
@@ -44,6 +45,7 @@ log = logging.getLogger(__name__)
 
 SUBMIT_QUEUE = "celery"  # Celery's default queue: what a bare send_task from another service publishes to
 RUN_TASK, SUBMIT_TASK, REAP_TASK = "trickserve.run_job", "trickserve.submit_job", "trickserve.reap"
+SUBMIT_STUDY_TASK = "trickserve.submit_study"
 # kombu looks for messages past their visibility timeout every interval x throttle seconds (10 x 10 by default).
 RESTORE_SWEEP_S = 100
 FILESYSTEM_POLL_S = 0.1  # the filesystem broker polls its folder; its default (1 s) adds a second per message

@@ -12,12 +12,12 @@ from typing import Any
 
 from celery import shared_task
 
-from core import tenants
+from core import studies, tenants
 from core.dispatch import dispatch
 from core.jobs import IdempotencyConflict
 from core.submit import Caps, SubmitError, submit
 from worker import reaper, runner
-from worker.celery_app import REAP_TASK, RUN_TASK, SUBMIT_TASK, WorkerApp
+from worker.celery_app import REAP_TASK, RUN_TASK, SUBMIT_STUDY_TASK, SUBMIT_TASK, WorkerApp
 
 log = logging.getLogger(__name__)
 
@@ -56,6 +56,40 @@ def submit_job(
         if submitted.created:  # as over HTTP, only the call that created the job sends it; the outbox covers a loss
             dispatch(session, job, app.send_run_job)
     return {"job_id": job.job_id, "status": str(job.status)}
+
+
+@shared_task(name=SUBMIT_STUDY_TASK, bind=True)
+def submit_study(
+    self: Any, spec: dict[str, Any], idempotency_key: str | None = None, tenant: str = "default"
+) -> dict[str, Any]:
+    """Create a study exactly as POST /v1/studies does, then send its first trials; found again, like a job, by its
+    idempotency key through the API. A refused study is logged and answered as status `rejected`."""
+    app: WorkerApp = self.app
+    settings = app.settings
+    with app.db.session() as session:
+        try:
+            tenants.create_tenant(session=session, tenant_id=tenant)
+            study_spec = studies.parse_study(spec)
+            try:
+                caps = Caps.from_settings(settings)
+                base, advice = studies.check_study(session, tenant, study_spec, caps, settings.max_study_trials)
+            finally:
+                session.rollback()  # end the reads: on SQLite the transaction holds the lock
+            created = studies.create_study(
+                session=session,
+                tenant_id=tenant,
+                spec=study_spec,
+                base=base,
+                advice=advice,
+                idempotency_key=idempotency_key,
+                max_active_jobs=settings.max_active_jobs_per_tenant,
+            )
+        except (tenants.InvalidTenantId, SubmitError) as exc:
+            log.warning("submit_study rejected (tenant %r, key %r): %s", tenant, idempotency_key, exc)
+            return {"study_id": None, "status": "rejected", "error": {"code": _code(exc), "message": str(exc)}}
+        if created.trials:  # only the call that created them; the outbox covers a loss
+            dispatch(session, created.trials, app.send_run_job)
+        return {"study_id": created.study.study_id, "status": str(created.study.status)}
 
 
 @shared_task(name=REAP_TASK, bind=True)

@@ -1,17 +1,19 @@
-"""The `trickserve.submit_job` task run in-process: the same rules as POST /v1/jobs (core.submit), then enqueue."""
+"""The `trickserve.submit_job` and `trickserve.submit_study` tasks run in-process: the same rules as POST /v1/jobs
+(core.submit) and POST /v1/studies (core.studies), then enqueue."""
 
 from __future__ import annotations
 
 import logging
+from typing import Any
 
 import pytest
 import sqlalchemy as sa
 
-from core.models import Job, Tenant
+from core.models import Job, Study, Tenant
 from tests.factories import TENANT, Backend, make_spec
 from tests.worker.test_dispatch import sent_messages
 from worker import runner
-from worker.celery_app import SUBMIT_TASK, WorkerApp
+from worker.celery_app import SUBMIT_STUDY_TASK, SUBMIT_TASK, WorkerApp
 
 
 @pytest.fixture
@@ -114,3 +116,72 @@ def test_a_bad_tenant_name_is_refused_logged_and_creates_nothing(
         assert session.scalar(sa.select(sa.func.count()).select_from(Tenant)) == 0
         assert session.scalar(sa.select(sa.func.count()).select_from(Job)) == 0
     assert sent_messages(app.settings) == []
+
+
+# ---------------------------------------------------------------------------------------------- studies
+
+
+def study(**overrides: Any) -> dict[str, Any]:
+    body = {"name": "lr", "base": make_spec(), "space": {"optim.lr": {"grid": [0.01, 0.1]}}, "seeds": [0, 1]}
+    return {**body, **overrides}
+
+
+@pytest.fixture
+def submit_study(app: WorkerApp):
+    """Run the study task in this process, on `app`, and return its answer."""
+
+    def run(spec: dict, key: str | None = None, tenant: str = TENANT) -> dict:
+        return app.tasks[SUBMIT_STUDY_TASK](spec, idempotency_key=key, tenant=tenant)
+
+    return run
+
+
+def trials_of(backend: Backend, study_id: str) -> list[Job]:
+    with backend.session(read_only=True) as session:
+        return list(session.scalars(sa.select(Job).where(Job.study_id == study_id).order_by(Job.trial_number)))
+
+
+def test_a_study_is_stored_and_its_first_trials_sent_and_the_same_key_replays_it(backend, app, submit_study):
+    answer = submit_study(study(max_concurrent=3), key="s1", tenant="new-tenant")
+    assert answer["status"] == "queued"
+    with backend.session(read_only=True) as session:
+        stored = session.get_one(Study, answer["study_id"])
+    assert (stored.tenant_id, stored.idempotency_key, stored.trials_planned) == ("new-tenant", "s1", 4)
+    trials = trials_of(backend, answer["study_id"])
+    assert [t.trial_number for t in trials] == [0, 1, 2] and {t.tenant_id for t in trials} == {"new-tenant"}
+    assert all(t.dispatched_at is not None and t.spec["optim"]["lr"] == t.params["optim.lr"] for t in trials)
+    assert sent_messages(app.settings) == sorted(("cpu", [t.job_id]) for t in trials)
+
+    assert submit_study(study(max_concurrent=3), key="s1", tenant="new-tenant") == answer
+    conflict = submit_study(study(max_concurrent=2), key="s1", tenant="new-tenant")
+    assert conflict["study_id"] is None and conflict["error"]["code"] == "idempotency_key_reused"
+    assert len(trials_of(backend, answer["study_id"])) == 3 and len(sent_messages(app.settings)) == 3
+
+
+@pytest.mark.parametrize(
+    ("overrides", "tenant", "code", "message"),
+    [
+        ({"space": {"model.dropout": {"grid": [0.1, 1.5]}}}, TENANT, "invalid_spec", "space.model.dropout: 1.5: "),
+        ({"base": make_spec(train={"epochs": 0})}, TENANT, "invalid_spec", "base.train.epochs: "),
+        ({}, "../etc", "invalid_tenant", "tenant ids are"),
+    ],
+)  # fmt: skip
+def test_a_refused_study_is_answered_with_its_code_and_creates_nothing(
+    backend, app, submit_study, caplog: pytest.LogCaptureFixture, overrides, tenant, code, message
+):
+    with caplog.at_level(logging.WARNING, logger="worker.tasks"):
+        answer = submit_study(study(**overrides), tenant=tenant)
+    assert answer["study_id"] is None and answer["status"] == "rejected" and answer["error"]["code"] == code
+    assert message in answer["error"]["message"]
+    assert any("submit_study rejected" in r.getMessage() for r in caplog.records)
+    with backend.session(read_only=True) as session:
+        assert session.scalar(sa.select(sa.func.count()).select_from(Study)) == 0
+        assert session.scalar(sa.select(sa.func.count()).select_from(Job)) == 0
+    assert sent_messages(app.settings) == []
+
+
+def test_a_study_over_the_services_trial_limit_is_refused(app, submit_study):
+    app.settings = app.settings.model_copy(update={"max_study_trials": 3})
+    answer = submit_study(study())
+    assert answer["error"] == {"code": "too_many_trials", "message": "2 points x 2 seeds = 4 trials; at most 3"}
+    assert submit_study(study(seeds=[0]))["status"] == "queued"
