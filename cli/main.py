@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 
-from cli import client, keys, local, service
+from cli import client, keys, local, service, study
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="trickserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for family in (local, service, keys, client):
+    for family in (local, service, keys, client, study):
         family.register(sub)
     args = parser.parse_args(argv)
     return args.func(args)
