@@ -17,13 +17,21 @@ from uvicorn.supervisors import Multiprocess
 
 from core.config import Settings
 
+MAX_DEFAULT_WORKERS = 4  # each job's training uses several cores itself: more workers by default would crowd them
+
 
 def register(sub: argparse._SubParsersAction) -> None:
     """Add `up`, `api`, `worker` and `migrate` to the `trickserve` parser."""
     p = sub.add_parser("up", help="run the API and workers on the embedded default (SQLite + filesystem broker)")
     p.add_argument("--host", default="127.0.0.1")
     p.add_argument("--port", type=int, default=8000)
-    p.add_argument("--workers", type=int, default=1, help="worker processes (one job each at a time)")
+    p.add_argument(
+        "--workers",
+        type=int,
+        default=default_workers(),
+        help=f"worker processes, one job each at a time (default: one per CPU core this process may use, at most "
+        f"{MAX_DEFAULT_WORKERS}: %(default)s here)",
+    )
     p.set_defaults(func=cmd_up)
 
     p = sub.add_parser("api", help="run the HTTP API only")
@@ -47,6 +55,13 @@ def register(sub: argparse._SubParsersAction) -> None:
 
     p = sub.add_parser("migrate", help="upgrade the database schema to the latest version")
     p.set_defaults(func=cmd_migrate)
+
+
+def default_workers() -> int:
+    """One worker per CPU core this process may run on (its affinity, where the system has one), at most
+    MAX_DEFAULT_WORKERS and at least one."""
+    cores = len(os.sched_getaffinity(0)) if hasattr(os, "sched_getaffinity") else os.cpu_count()
+    return max(1, min(MAX_DEFAULT_WORKERS, cores or 1))
 
 
 def worker_argv(queues: str, concurrency: int, name: str) -> list[str]:
