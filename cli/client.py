@@ -127,8 +127,10 @@ def watch(job_id: str, name: str, epochs: int) -> int:
     return 0 if job["status"] in ("succeeded", "early_stopped") else 1
 
 
-def stream_events(job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
-    """Yield (kind, event) from the SSE stream until `end`, reconnecting with Last-Event-ID after a drop."""
+def stream_events(job_id: str, path: str | None = None) -> Iterator[tuple[str, dict[str, Any]]]:
+    """Yield (kind, event) from a job's SSE stream (or the stream at `path`, e.g. a study's) until `end`,
+    reconnecting with Last-Event-ID after a drop."""
+    path = path or f"/v1/jobs/{job_id}/events"
     last_id: str | None = None
     failures = 0
     while failures < 30:
@@ -136,7 +138,7 @@ def stream_events(job_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
         try:
             with (
                 client(timeout=httpx.Timeout(30.0, read=120.0)) as c,
-                c.stream("GET", f"/v1/jobs/{job_id}/events", headers=headers) as r,
+                c.stream("GET", path, headers=headers) as r,
             ):
                 if r.status_code == 204:  # resumed after the end: nothing more will come
                     return

@@ -14,10 +14,9 @@ from collections.abc import Iterator
 from pathlib import Path
 from typing import Any
 
-import httpx
 import yaml
 
-from cli.client import _die, call, client, parse_sse
+from cli.client import call, stream_events
 
 REFRESH_S = 1.5  # the live table re-reads the study this often, so that epochs and running values move
 TRIAL_EVENTS = frozenset({"trial_created", "trial_started", "trial_ended", "trial_pruned", "new_best"})
@@ -121,30 +120,7 @@ def watch(study_id: str) -> int:
 
 def stream_study_events(study_id: str) -> Iterator[tuple[str, dict[str, Any]]]:
     """Yield (kind, event) from the study's SSE stream until `end`, reconnecting with Last-Event-ID after a drop."""
-    last_id: str | None = None
-    failures = 0
-    while failures < 30:
-        headers = {"Last-Event-ID": last_id} if last_id else {}
-        try:
-            with (
-                client(timeout=httpx.Timeout(30.0, read=120.0)) as c,
-                c.stream("GET", f"/v1/studies/{study_id}/events", headers=headers) as r,
-            ):
-                if r.status_code == 204:  # resumed after the end: nothing more will come
-                    return
-                if r.status_code >= 400:
-                    r.read()
-                    _die(r)
-                for event_id, kind, data in parse_sse(r.iter_lines()):
-                    failures = 0
-                    last_id = event_id or last_id
-                    yield kind, data
-                    if kind == "end":
-                        return
-        except httpx.TransportError:
-            failures += 1
-            time.sleep(min(5.0, 0.5 * failures))
-    sys.exit("error: lost the event stream")
+    return stream_events(study_id, f"/v1/studies/{study_id}/events")
 
 
 def _pump(events: Iterator[tuple[str, dict[str, Any]]], inbox: queue.Queue[Any]) -> None:

@@ -196,6 +196,9 @@ async def stream_events(
 async def _follow(request: Request, study_id: str, after: int) -> AsyncIterator[dict[str, Any]]:
     """The study's events after `after`, then new ones as they are stored (polled), then `end`."""
     while True:
+        # The status first: the study's end is committed with its last events, so a terminal status read now
+        # means the read below sees every one of them.
+        terminal = (await run_in_threadpool(_status, request, study_id)).is_terminal
         events = await run_in_threadpool(_events, request, study_id, after)
         for event in events:
             after = event.study_event_id
@@ -204,7 +207,7 @@ async def _follow(request: Request, study_id: str, after: int) -> AsyncIterator[
             yield {"event": "end", "data": "{}"}
             return
         if not events:
-            if (await run_in_threadpool(_status, request, study_id)).is_terminal:  # a cursor past its end
+            if terminal:  # a cursor past its end
                 yield {"event": "end", "data": "{}"}
                 return
             await asyncio.sleep(STUDY_POLL_S)

@@ -16,6 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
+from cli.service import default_workers
 from cli.supervisor import WorkerPool
 from tests.factories import wait_for
 
@@ -166,9 +167,9 @@ def test_trickserve_up_takes_its_workers_with_it(sig: signal.Signals, tmp_path: 
         wait_for(lambda: healthy(f"http://127.0.0.1:{port}") or up.poll() is not None, timeout=60, what="/healthz")
         assert up.poll() is None, (tmp_path / "up.log").read_text()
         workers = children(up.pid)
-        assert len(workers) == 1  # --workers defaults to 1
-        # The Celery worker forks its pool process once it is ready: wait for it, so that it is tested too.
-        wait_for(lambda: children(workers[0]), timeout=60, what="the Celery pool process")
+        assert len(workers) == default_workers()  # --workers defaults to one per core, at most 4
+        # Each Celery worker forks its pool process once it is ready: wait for them, so that they are tested too.
+        wait_for(lambda: all(children(w) for w in workers), timeout=60, what="the Celery pool processes")
         workers = descendants(up.pid)
         up.send_signal(sig)
         assert up.wait(timeout=30) == -sig
