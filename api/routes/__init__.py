@@ -4,7 +4,7 @@ from __future__ import annotations
 
 from fastapi import FastAPI
 
-from api.routes import datasets, events, health, jobs, metrics, quotas, specs, studies
+from api.routes import datasets, events, health, jobs, metrics, plots, quotas, specs, studies
 from core.config import Settings
 
 ROUTERS = (
@@ -13,6 +13,7 @@ ROUTERS = (
     metrics.router,
     events.router,
     studies.router,
+    plots.router,
     specs.router,
     datasets.router,
     quotas.router,
