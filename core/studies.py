@@ -538,13 +538,21 @@ def list_studies(
 
 
 def trial_results(session: Session, study: Study) -> list[TrialResult]:
-    """The trials table: each trial's parameters, seed, status, objective and epochs used."""
+    """The trials table: each trial's parameters, seed, status, objective and epochs used (two queries in all)."""
     spec = StudySpec.model_validate(study.spec)
+    epochs = dict(
+        session.execute(
+            select(MetricPoint.job_id, func.max(MetricPoint.epoch))
+            .join(Job, Job.job_id == MetricPoint.job_id)
+            .where(Job.study_id == study.study_id, MetricPoint.name == "train/loss")
+            .group_by(MetricPoint.job_id)
+        ).all()
+    )
     out = []
     for trial in _trials(session, study.study_id):
         value = _stored_value(trial)
-        if value is None and trial.status in FINISHED_TRIAL:
-            value = objective_value(session, trial.job_id, spec)
+        if value is None and trial.status in FINISHED_TRIAL and "objective" not in (trial.pruner_state or {}):
+            value = objective_value(session, trial.job_id, spec)  # ended before its objective was kept
         out.append(
             TrialResult(
                 number=trial.trial_number or 0,
@@ -553,7 +561,7 @@ def trial_results(session: Session, study: Study) -> list[TrialResult]:
                 seed=trial.trial_seed,
                 status=str(trial.status),
                 value=value,
-                epochs=_epochs_used(session, trial.job_id),
+                epochs=int(epochs.get(trial.job_id) or 0),
             )
         )
     return out
