@@ -1,10 +1,12 @@
-"""What the service benchmarks share: a free port, waiting for an API to answer, a fresh PostgreSQL database.
+"""What the service benchmarks share: a free port, waiting for an API to answer, a fresh PostgreSQL database, a
+Redis database number of their own.
 
 Benchmarks run as scripts (`python bench/NAME.py`), so this folder is on their path: `from common import ...`."""
 
 from __future__ import annotations
 
 import os
+import random
 import secrets
 import socket
 import time
@@ -15,6 +17,8 @@ import httpx
 import sqlalchemy as sa
 
 PG_ADMIN = os.environ.get("TRICKSERVE_BENCH_POSTGRES_URL", "postgresql+psycopg://postgres@127.0.0.1:5432/test")
+REDIS = os.environ.get("TRICKSERVE_BENCH_REDIS_URL", "redis://127.0.0.1:6379")  # a server: a run claims a database
+REDIS_LOCK = "trickserve-test:lock"  # the key by which the tests and benchmarks claim a Redis database number
 
 
 def free_port() -> int:
@@ -49,3 +53,24 @@ def postgres_database() -> Iterator[str]:
         with admin.connect() as conn:
             conn.exec_driver_sql(f"DROP DATABASE IF EXISTS {name} WITH (FORCE)")
         admin.dispose()
+
+
+@contextmanager
+def private_redis() -> Iterator[str]:
+    """A Redis database number no one else uses (the tests' lock key claims it), emptied afterwards: another run
+    on the same Redis must not take this run's messages, nor flush them."""
+    import redis
+
+    for db in random.sample(range(1, 16), 15):
+        client = redis.Redis.from_url(f"{REDIS}/{db}")
+        if not client.set(REDIS_LOCK, secrets.token_hex(8), nx=True, ex=3600):
+            continue
+        if client.dbsize() != 1:  # someone's data: leave it alone
+            client.delete(REDIS_LOCK)
+            continue
+        try:
+            yield f"{REDIS}/{db}"
+        finally:
+            client.flushdb()
+        return
+    raise RuntimeError(f"no free database number on {REDIS}")

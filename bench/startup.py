@@ -18,8 +18,6 @@ from __future__ import annotations
 
 import argparse
 import os
-import random
-import secrets
 import statistics
 import subprocess
 import sys
@@ -33,10 +31,8 @@ from pathlib import Path
 REPO = Path(__file__).resolve().parents[1]
 sys.path.insert(0, str(REPO))
 
-from common import postgres_database  # noqa: E402
+from common import postgres_database, private_redis  # noqa: E402
 
-REDIS = os.environ.get("TRICKSERVE_BENCH_REDIS_URL", "redis://127.0.0.1:6379")  # a server: a run claims a database
-REDIS_LOCK = "trickserve-test:lock"  # the key by which the tests and benchmarks claim a Redis database number
 TERMINAL = ("succeeded", "early_stopped", "failed", "cancelled")
 DATASETS = {
     "digits": {"dataset": "builtin:digits"},
@@ -66,27 +62,6 @@ def backends(mode: str, home: Path) -> Iterator[dict[str, str]]:
         return
     with postgres_database() as url, private_redis() as broker:
         yield {"TRICKSERVE_DATABASE_URL": url, "TRICKSERVE_BROKER_URL": broker, "TRICKSERVE_REDIS_URL": broker}
-
-
-@contextmanager
-def private_redis() -> Iterator[str]:
-    """A Redis database number no one else uses (the tests' lock key claims it), emptied afterwards: another run
-    on the same Redis must not take this run's messages, nor flush them."""
-    import redis
-
-    for db in random.sample(range(1, 16), 15):
-        client = redis.Redis.from_url(f"{REDIS}/{db}")
-        if not client.set(REDIS_LOCK, secrets.token_hex(8), nx=True, ex=3600):
-            continue
-        if client.dbsize() != 1:  # someone's data: leave it alone
-            client.delete(REDIS_LOCK)
-            continue
-        try:
-            yield f"{REDIS}/{db}"
-        finally:
-            client.flushdb()
-        return
-    raise RuntimeError(f"no free database number on {REDIS}")
 
 
 @contextmanager
