@@ -16,7 +16,7 @@ from pathlib import Path
 import httpx
 import pytest
 
-from cli.service import default_workers
+from cli.service import available_cores, default_workers
 from cli.supervisor import WorkerPool
 from tests.factories import wait_for
 
@@ -156,7 +156,7 @@ def healthy(url: str) -> bool:
 @pytest.mark.parametrize("sig", [signal.SIGTERM, signal.SIGKILL], ids=["sigterm", "sigkill"])
 def test_trickserve_up_takes_its_workers_with_it(sig: signal.Signals, tmp_path: Path):
     port = free_port()
-    env = {k: v for k, v in os.environ.items() if not k.startswith("TRICKSERVE_")}
+    env = {k: v for k, v in os.environ.items() if not k.startswith("TRICKSERVE_") and k != "OMP_NUM_THREADS"}
     env["TRICKSERVE_HOME"] = str(tmp_path / "home")
     log = (tmp_path / "up.log").open("w")
     up = subprocess.Popen(
@@ -168,6 +168,9 @@ def test_trickserve_up_takes_its_workers_with_it(sig: signal.Signals, tmp_path: 
         assert up.poll() is None, (tmp_path / "up.log").read_text()
         workers = children(up.pid)
         assert len(workers) == default_workers()  # --workers defaults to one per core, at most 4
+        for pid in workers:  # each worker's torch threads get its share of the cores, not all of them
+            environ = dict(e.split("=", 1) for e in Path(f"/proc/{pid}/environ").read_text().split("\0") if "=" in e)
+            assert environ["OMP_NUM_THREADS"] == str(max(1, available_cores() // len(workers)))
         # Each Celery worker forks its pool process once it is ready: wait for them, so that they are tested too.
         wait_for(lambda: all(children(w) for w in workers), timeout=60, what="the Celery pool processes")
         workers = descendants(up.pid)
