@@ -23,6 +23,7 @@ from __future__ import annotations
 
 import argparse
 import os
+import shutil
 import statistics
 import subprocess
 import sys
@@ -83,6 +84,7 @@ def service(mode: str, log_dir: Path | None) -> Iterator[httpx.Client]:
     env.update(TRICKSERVE_HOME=str(home), OMP_NUM_THREADS="1")
     port = free_port()
     with ExitStack() as stack:
+        stack.callback(shutil.rmtree, home, ignore_errors=True)  # after the processes have stopped
         if mode == "production":
             url, broker = stack.enter_context(postgres_database()), stack.enter_context(private_redis())
             env.update(TRICKSERVE_DATABASE_URL=url, TRICKSERVE_BROKER_URL=broker, TRICKSERVE_REDIS_URL=broker)
