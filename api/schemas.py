@@ -348,9 +348,14 @@ class TrialRow(Public):
 
 
 class Effect(Public):
-    diff: float = Field(description="this value's mean minus the best value's")
-    ci95: list[float] | None = Field(description="95% interval of the difference (Welch); null below 2 trials")
+    diff: float = Field(description="this value's mean minus the best value's (over pairs when paired)")
+    ci95: list[float] | None = Field(description="95% interval of the difference; null below 2 trials or pairs")
     excludes_zero: bool | None
+    method: Literal["paired", "welch"] = Field(
+        description="paired: over trials sharing a seed and the other paths' values (2 or more pairs); welch: as "
+        "independent samples"
+    )
+    n: int = Field(description="pairs (paired), or the smaller group's trials (welch)")
 
 
 class ValueSummary(Public):
@@ -368,6 +373,7 @@ class ValueSummary(Public):
 class ParameterVerdict(Public):
     path: str
     best_value: Any
+    conclusion: str = Field(description="one line, computed from the values' verdicts")
     values: list[ValueSummary]
 
 
