@@ -250,7 +250,7 @@ def study_text(detail: dict[str, Any], running: dict[str, float]) -> str:
         LEGEND,
     ]
     for parameter in detail["verdict"]["parameters"]:
-        parts += ["", f"{parameter['path']}: best value {value_text(parameter['best_value'])}"]
+        parts += ["", f"{parameter['path']}: {parameter['conclusion']}"]
         parts.append(render(*verdict_rows(parameter)))
     return "\n".join(parts)
 
@@ -297,6 +297,8 @@ def verdict_rows(parameter: dict[str, Any]) -> tuple[list[str], list[list[str]]]
         lost = [f"{v[k]} {k.removeprefix('n_')}" for k in ("n_pruned", "n_failed") if v[k]]
         verdict = v["verdict"] + (f" ({', '.join(lost)})" if lost else "")
         diff = "" if effect.get("diff") is None else f"{effect['diff']:+.4g}"
+        if effect.get("method") == "paired":
+            diff += f" (paired, {effect['n']})"
         cells = [value_text(v["value"]), str(v["n"]), num(v["mean"]), num(v["sd"]), interval(v["ci95"])]
         rows.append([*cells, diff, interval(effect.get("ci95")), verdict])
     return headers, rows

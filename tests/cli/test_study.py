@@ -193,7 +193,7 @@ def test_watch_follows_the_trials_to_the_end_and_show_prints_the_verdict_with_th
         ]
 
     (parameter,) = study["verdict"]["parameters"]
-    assert f"train.early_stopping: best value {json.dumps(parameter['best_value'])}" in shown
+    assert f"train.early_stopping: {parameter['conclusion']}" in shown
     for value in parameter["values"]:
         cells = row(shown, json.dumps(value["value"]))
         assert cells[1:5] == ["2", g(value["mean"]), g(value["sd"]), f"[{g(value['ci95'][0])}, {g(value['ci95'][1])}]"]
@@ -202,7 +202,8 @@ def test_watch_follows_the_trials_to_the_end_and_show_prints_the_verdict_with_th
         else:
             effect = value["effect"]
             low, high = effect["ci95"]
-            assert cells[5:] == [f"{effect['diff']:+.4g}", f"[{g(low)}, {g(high)}]", value["verdict"]]
+            paired = f" (paired, {effect['n']})" if effect["method"] == "paired" else ""
+            assert cells[5:] == [f"{effect['diff']:+.4g}{paired}", f"[{g(low)}, {g(high)}]", value["verdict"]]
 
 
 def test_on_a_terminal_watch_redraws_a_table_of_the_trials_in_place(
