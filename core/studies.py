@@ -115,10 +115,31 @@ def check_study(
             problems.setdefault(error["path"], error)
     if problems:
         raise InvalidSpec(list(problems.values()))
+    return resolved, [*_space_advice(base, resolved, spec), *study_advice(spec)]
+
+
+def _space_advice(base: JobSpec, resolved: dict[str, Any], spec: StudySpec) -> list[dict[str, Any]]:
+    """The base's advice, and what some values of the space depart from (zero init, Xavier with ReLU...), each
+    named by the study path and the values that bring it: a study may well include a bad value on purpose, to show
+    that it is bad."""
     from core.engine.advice import advise  # the engine imports torch: only when a study is really submitted
 
-    advice = [asdict(a) for a in advise(base)] + study_advice(spec)
-    return resolved, advice
+    found = {a.code: {**asdict(a), "path": f"base.{a.path}"} for a in advise(base)}
+    brought: dict[str, dict[str, Any]] = {}
+    for params in probe_points(spec):
+        job = parse_spec(trial_spec(resolved, params, spec.seeds[0], spec.seed_paths))
+        for a in advise(job):
+            if a.code in found:
+                continue
+            path = blame(a.path, params, spec.seed_paths)
+            value = params.get(path.removeprefix("space."))
+            entry = brought.setdefault(a.code, {**asdict(a), "path": path, "values": []})
+            if value not in entry["values"]:
+                entry["values"].append(value)
+    for entry in brought.values():
+        values = ", ".join(json.dumps(v) for v in entry.pop("values"))
+        entry["message"] = f"with {entry['path'].removeprefix('space.')} = {values}: {entry['message']}"
+    return [*found.values(), *brought.values()]
 
 
 def _trial_problems(

@@ -160,3 +160,9 @@ def test_the_event_stream_follows_the_study_and_resumes_after_an_id(make_server:
         assert [e["event"] for e in sse(resumed)] == kinds  # the same events after that id, no repeat
         done = http.get(f"/v1/studies/{study_id}/events", headers={"Last-Event-ID": str(ids[-1])})
         assert done.status_code == 204  # after the end: stop reconnecting
+
+
+def test_a_value_of_the_space_that_departs_from_good_practice_gets_advice_naming_it(client: TestClient):
+    body = create(client, study(space={"model.init": {"grid": ["he_normal", "zeros"]}})).json()
+    [zero] = [a for a in body["advice"] if a["code"] == "ZERO_INIT"]
+    assert zero["path"] == "space.model.init" and zero["message"].startswith('with model.init = "zeros": ')
