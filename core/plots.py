@@ -228,7 +228,11 @@ def read_study_plot(session: Session, study: Study, path: str | None = None, met
     rows = next(p for p in verdict["parameters"] if p["path"] == path)["values"]
     groups = []
     for row in _in_order(rows):
-        members = [t for t in trials if value_key(t.params.get(path)) == value_key(row["value"])]
+        members = [
+            t
+            for t in trials
+            if value_key(studies.judged_value(spec, path, t.params.get(path))) == value_key(row["value"])
+        ]
         averaged = [t for t in members if t.status in FOLLOWED]
         groups.append(
             ValueGroup(
@@ -251,6 +255,8 @@ def read_study_plot(session: Session, study: Study, path: str | None = None, met
 def _in_order(rows: list[dict[str, Any]]) -> list[dict[str, Any]]:
     """The verdict's rows by value when every value is a number, else in the order the trials came."""
     numbers = all(isinstance(r["value"], int | float) and not isinstance(r["value"], bool) for r in rows)
+    if all(isinstance(r["value"], dict) and r["value"].keys() == {"from", "to"} for r in rows):
+        return sorted(rows, key=lambda r: r["value"]["from"])
     return sorted(rows, key=lambda r: r["value"]) if numbers else rows
 
 
@@ -258,6 +264,8 @@ def value_label(value: Any) -> str:
     """A parameter value as a legend or a tick shows it."""
     if isinstance(value, float):
         return f"{value:.4g}"
+    if isinstance(value, dict) and value.keys() == {"from", "to"}:  # a third of a sampled range
+        return f"{value['from']:.3g} to {value['to']:.3g}"
     text = value if isinstance(value, str) else value_key(value)
     return text if len(text) <= 24 else text[:23] + "…"
 

@@ -15,7 +15,7 @@ from __future__ import annotations
 import hashlib
 import json
 import math
-from dataclasses import asdict, dataclass
+from dataclasses import asdict, dataclass, replace
 from datetime import datetime
 from typing import Any
 
@@ -588,11 +588,33 @@ def trial_results(session: Session, study: Study) -> list[TrialResult]:
     return out
 
 
+BINS = 3  # a sampled number's range is judged in this many parts: each exact value has one trial
+
+
 def study_verdict(session: Session, study: Study) -> tuple[list[TrialResult], dict[str, Any]]:
-    """The trials table and the verdict computed from it (core.verdict)."""
+    """The trials table and the verdict computed from it (core.verdict). Paths sampled from a range (uniform,
+    loguniform, int) are judged by thirds of their range ({"from": low, "to": high}; log-spaced for loguniform),
+    since no two trials share an exact value (judged_value)."""
     spec = StudySpec.model_validate(study.spec)
     trials = trial_results(session, study)
-    return trials, verdict(trials, list(spec.space), spec.objective.mode or "max")
+    judged = [
+        replace(t, params={path: judged_value(spec, path, value) for path, value in t.params.items()}) for t in trials
+    ]
+    return trials, verdict(judged, list(spec.space), spec.objective.mode or "max")
+
+
+def judged_value(spec: StudySpec, path: str, value: Any) -> Any:
+    """The value a trial's parameter is judged by in the verdict: itself, or the third of its range it is in."""
+    distribution = spec.space.get(path)
+    if distribution is None or distribution.kind in ("grid", "choice") or not isinstance(value, int | float):
+        return value
+    low, high = distribution.plain()[distribution.kind]
+    if distribution.kind == "loguniform":
+        cuts = [low * (high / low) ** (i / BINS) for i in range(BINS + 1)]
+    else:
+        cuts = [low + (high - low) * i / BINS for i in range(BINS + 1)]
+    i = next((i for i in range(BINS) if value < cuts[i + 1]), BINS - 1)
+    return {"from": float(f"{cuts[i]:.3g}"), "to": float(f"{cuts[i + 1]:.3g}")}
 
 
 def list_events(session: Session, study_id: str, *, after: int = 0, limit: int = 1000) -> list[StudyEvent]:

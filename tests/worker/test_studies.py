@@ -147,3 +147,23 @@ def test_cancelling_a_study_drops_queued_trials_and_makes_no_more(backend):
     assert load(backend, study.study_id).trials_created == 2
     with backend.session(read_only=True) as session:
         assert [str(t.to_status) for t in studies.list_transitions(session, study.study_id)] == ["queued", "cancelled"]
+
+
+def test_a_sampled_range_is_judged_by_thirds_of_it(backend):
+    raw = study_spec(space={"optim.lr": {"loguniform": [1e-4, 1e-1]}}, sampler="random", n_trials=6, seeds=[1])
+    study = create(backend, {**raw, "max_concurrent": 6})
+    run_queued(backend, study.study_id)
+    with backend.session(read_only=True) as session:
+        results, verdict = studies.study_verdict(session, load(backend, study.study_id))
+    rows = verdict["parameters"][0]["values"]
+    assert {(row["value"]["from"], row["value"]["to"]) for row in rows} <= {(1e-4, 0.001), (0.001, 0.01), (0.01, 0.1)}
+    assert sum(row["n"] for row in rows) == len(results) == 6
+    for row in rows:  # each trial falls in its third
+        inside = [r for r in results if row["value"]["from"] <= r.params["optim.lr"] < row["value"]["to"]]
+        assert row["n"] == len(inside)
+    assert all(isinstance(r.params["optim.lr"], float) for r in results)  # the trials table keeps exact values
+    from core.plots import read_study_plot  # the study's picture groups the trials by the same thirds
+
+    with backend.session(read_only=True) as session:
+        plot = read_study_plot(session, load(backend, study.study_id))
+    assert sum(len(group.seeds) for group in plot.groups) == 6 and all(" to " in group.label for group in plot.groups)
