@@ -458,7 +458,8 @@ def test_queued_running_and_cancelling_jobs_count_as_active(session_factory: Ses
 
 
 def test_event_kinds_are_stored_as_the_strings_clients_read(session_factory: Sessions) -> None:
-    stored = ["progress", "epoch_end", "early_stop", "restored", "checkpoint", "warning", "resumed", "test", "diverged"]
+    stored = ["progress", "epoch_end", "early_stop", "restored", "checkpoint", "warning", "resumed", "test", "diverged",
+              "pruned"]  # fmt: skip
     job = submit(session_factory)
     claim(session_factory, job.job_id)
     batch = [Event(kind, 1, 1, {"value": 1.0}) for kind in EventKind if kind != EventKind.status]
