@@ -5,13 +5,13 @@ from __future__ import annotations
 
 import argparse
 
-from cli import client, keys, local, plot, service, study
+from cli import client, keys, local, plot, report, service, study
 
 
 def main(argv: list[str] | None = None) -> int:
     parser = argparse.ArgumentParser(prog="trickserve", description=__doc__)
     sub = parser.add_subparsers(dest="command", required=True)
-    for family in (local, service, keys, client, study, plot):
+    for family in (local, service, keys, client, study, plot, report):
         family.register(sub)
     args = parser.parse_args(argv)
     return args.func(args)
