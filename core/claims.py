@@ -110,7 +110,8 @@ def judge(claim: Claim, trials: Sequence[TrialResult], mode: str) -> ClaimVerdic
 def _sides(claim: Claim, trials: Sequence[TrialResult], setting: Any) -> tuple[list[Any], list[Any]]:
     if claim.trick_by_setting is None:
         return claim.trick, claim.baseline
-    tricks = claim.trick_by_setting.get(describe(setting), [])
+    by_key = {value_key(_parsed(k)): v for k, v in claim.trick_by_setting.items()}
+    tricks = by_key.get(value_key(setting), [])
     ran = {value_key(t.params.get(claim.path)): t.params.get(claim.path) for t in trials}
     return tricks, [v for k, v in ran.items() if k not in {value_key(t) for t in tricks}]
 
@@ -119,11 +120,23 @@ def _has(trial: TrialResult, path: str, value: Any) -> bool:
     return value_key(trial.params.get(path)) == value_key(value)
 
 
+def _parsed(key: str) -> Any:
+    """A trick_by_setting key: JSON text (`5`, `null`, `"tanh"`) or a bare string (`tanh`)."""
+    try:
+        return json.loads(key)
+    except ValueError:
+        return key
+
+
 def _setting_values(trials: Sequence[TrialResult], path: str) -> list[Any]:
+    """The setting's values, numbers in increasing order, others in the order the trials came."""
     seen: dict[str, Any] = {}
     for trial in trials:
         seen.setdefault(value_key(trial.params.get(path)), trial.params.get(path))
-    return list(seen.values())
+    values = list(seen.values())
+    if all(isinstance(v, int | float) and not isinstance(v, bool) for v in values):
+        return sorted(values)
+    return values
 
 
 def _compare(claim: Claim, trials: Sequence[TrialResult], trick: Any, baseline: Any, sign: int) -> Comparison:

@@ -77,3 +77,16 @@ def test_too_few_trials_are_inconclusive_and_the_rule_is_printed_as_applied():
     verdict = judge(OPTIMIZERS, thin, "max")
     assert verdict.settings[0].comparisons[0].result == "too thin" and verdict.outcome == "inconclusive"
     assert "holds under conditions" in RULE and "95% interval" in RULE
+
+
+def test_settings_keys_may_be_json_or_bare_strings_and_numbers_come_in_order():
+    claim = Claim("init", "Xavier for tanh, He for ReLU.", "model.init", [], [], setting="model.activation",
+                  trick_by_setting={"tanh": ["xavier"], '"relu"': ["he"]})  # fmt: skip
+    curves = (("he", [0.9, 0.91, 0.92]), ("xavier", [0.8, 0.81, 0.8]))
+    rows = [({"model.init": init, "model.activation": act}, values) for act in ("relu", "tanh") for init, values in curves]
+    verdict = judge(claim, trials(rows), "max")
+    found = [(s.value, [c.trick for c in s.comparisons]) for s in verdict.settings]
+    assert found == [("relu", ["he"]), ("tanh", ["xavier"])]
+    numbers = Claim("aug", "Augment scarce data.", "a", [True], [False], setting="n")
+    rows = [({"a": a, "n": n}, [0.5, 0.6, 0.7]) for n in (100, 3) for a in (True, False)]
+    assert [s.value for s in judge(numbers, trials(rows), "max").settings] == [3, 100]
