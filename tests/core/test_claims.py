@@ -83,7 +83,7 @@ def test_settings_keys_may_be_json_or_bare_strings_and_numbers_come_in_order():
     claim = Claim("init", "Xavier for tanh, He for ReLU.", "model.init", [], [], setting="model.activation",
                   trick_by_setting={"tanh": ["xavier"], '"relu"': ["he"]})  # fmt: skip
     curves = (("he", [0.9, 0.91, 0.92]), ("xavier", [0.8, 0.81, 0.8]))
-    rows = [({"model.init": init, "model.activation": act}, values) for act in ("relu", "tanh") for init, values in curves]
+    rows = [({"model.init": i, "model.activation": act}, values) for act in ("relu", "tanh") for i, values in curves]
     verdict = judge(claim, trials(rows), "max")
     found = [(s.value, [c.trick for c in s.comparisons]) for s in verdict.settings]
     assert found == [("relu", ["he"]), ("tanh", ["xavier"])]
