@@ -143,7 +143,9 @@ def _insert_job(
     advice: list[dict[str, Any]],
     queue: str,
     idempotency_key: str | None,
-    request_hash: str,
+    request_hash: str | None,
+    reason: str = "submitted",
+    **columns: Any,
 ) -> Job:
     job = Job(
         job_id=new_id("job_"),
@@ -156,10 +158,11 @@ def _insert_job(
         request_hash=request_hash,
         max_attempts=spec.resources.max_attempts,
         status=JobStatus.queued,
+        **columns,
     )
     session.add(job)
     session.flush()  # the row exists before its transition refers to it
-    _record_transition(session, job, None, JobStatus.queued, "submitted", job.created_at)
+    _record_transition(session, job, None, JobStatus.queued, reason, job.created_at)
     return job
 
 
@@ -177,25 +180,10 @@ def insert_trial(
     queue: str,
 ) -> Job:
     """Add a study's trial as a queued job, in the caller's transaction (core.studies, under the study's lock)."""
-    job = Job(
-        job_id=new_id("job_"),
-        tenant_id=tenant_id,
-        name=spec.name,
-        spec=spec.model_dump(mode="json"),
-        advice=advice,
-        queue=queue,
-        max_attempts=spec.resources.max_attempts,
-        status=JobStatus.queued,
-        study_id=study_id,
-        trial_number=number,
-        trial_point=point,
-        trial_seed=seed,
-        params=params,
-    )
-    session.add(job)
-    session.flush()
-    _record_transition(session, job, None, JobStatus.queued, f"trial {number} of study {study_id}", job.created_at)
-    return job
+    return _insert_job(
+        session, tenant_id, spec, advice, queue, None, None, f"trial {number} of study {study_id}",
+        study_id=study_id, trial_number=number, trial_point=point, trial_seed=seed, params=params,
+    )  # fmt: skip
 
 
 def fail_unstarted(session: Session, job: Job, message: str) -> None:

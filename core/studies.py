@@ -23,7 +23,7 @@ from sqlalchemy import and_, func, or_, select
 from sqlalchemy.exc import IntegrityError
 from sqlalchemy.orm import Session
 
-from core import jobs, tenants
+from core import jobs
 from core.db import committing
 from core.engine.events import EventKind
 from core.models import Job, JobEvent, JobStatus, MetricPoint, Study, StudyEvent, StudyStatus, StudyTransition, new_id
@@ -230,6 +230,35 @@ def create_study(
             raise
         return CreatedStudy(existing, False, [])
     return CreatedStudy(study, True, trials)
+
+
+def submit_study(
+    *,
+    session: Session,
+    tenant_id: str,
+    raw: dict[str, Any],
+    caps: Caps,
+    max_trials: int,
+    idempotency_key: str | None = None,
+    max_active_jobs: int | None = None,
+) -> CreatedStudy:
+    """Check a submitted study whole and store it with its first trials: the rules POST /v1/studies and the
+    `trickserve.submit_study` task share. The caller sends `trials` after this returns. Raises InvalidSpec,
+    TooManyTrials or StudyIdempotencyConflict."""
+    spec = parse_study(raw)
+    try:
+        base, advice = check_study(session, tenant_id, spec, caps, max_trials)
+    finally:
+        session.rollback()  # end the reads: on SQLite the write session's transaction holds the lock
+    return create_study(
+        session=session,
+        tenant_id=tenant_id,
+        spec=spec,
+        base=base,
+        advice=advice,
+        idempotency_key=idempotency_key,
+        max_active_jobs=max_active_jobs,
+    )
 
 
 def _replay(session: Session, tenant_id: str, key: str | None, request_hash: str) -> Study | None:
@@ -683,11 +712,6 @@ def _event(session: Session, study: Study, kind: str, job: Job | None, data: dic
             created_at=_utcnow(),
         )
     )
-
-
-def tenant_of(session: Session, tenant_id: str) -> None:
-    """Create the tenant when new (the queue task's path, as for jobs)."""
-    tenants.create_tenant(session=session, tenant_id=tenant_id)
 
 
 jobs.TRIAL_HOOKS.moved = trial_moved  # type: ignore[method-assign]

@@ -69,18 +69,12 @@ def submit_study(
     with app.db.session() as session:
         try:
             tenants.create_tenant(session=session, tenant_id=tenant)
-            study_spec = studies.parse_study(spec)
-            try:
-                caps = Caps.from_settings(settings)
-                base, advice = studies.check_study(session, tenant, study_spec, caps, settings.max_study_trials)
-            finally:
-                session.rollback()  # end the reads: on SQLite the transaction holds the lock
-            created = studies.create_study(
+            created = studies.submit_study(
                 session=session,
                 tenant_id=tenant,
-                spec=study_spec,
-                base=base,
-                advice=advice,
+                raw=spec,
+                caps=Caps.from_settings(settings),
+                max_trials=settings.max_study_trials,
                 idempotency_key=idempotency_key,
                 max_active_jobs=settings.max_active_jobs_per_tenant,
             )

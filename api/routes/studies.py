@@ -83,19 +83,12 @@ def create_study(
     """Submit a study: a base job spec, a space over spec paths, seeds, a sampler, an objective and a pruner.
     Every trial spec it can make is resolved and checked first. Its first trials (up to max_concurrent) are
     queued and sent at once; the rest follow as trials end."""
-    spec = studies.parse_study(body)
-    try:
-        base, advice = studies.check_study(
-            session, tenant, spec, Caps.from_settings(settings), settings.max_study_trials
-        )
-    finally:
-        session.rollback()  # end the reads: on SQLite the write session's transaction holds the lock
-    created = studies.create_study(
+    created = studies.submit_study(
         session=session,
         tenant_id=tenant,
-        spec=spec,
-        base=base,
-        advice=advice,
+        raw=body,
+        caps=Caps.from_settings(settings),
+        max_trials=settings.max_study_trials,
         idempotency_key=idempotency_key,
         max_active_jobs=settings.max_active_jobs_per_tenant,
     )
